@@ -17,6 +17,7 @@
 #include <errno.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "nq/version.h"
 
@@ -161,6 +162,234 @@ typedef struct nq_evq_stats {
  * so each is exact but they may be from slightly different instants.
  * NQ_EINVAL for NULL arguments. */
 NQ_EXTERN int nq_evq_stats(const nq_evq_t *e, nq_evq_stats_t *out);
+
+/* ------------------------------------------------------------------------
+ * Notification queue: handles, notify, waits, subscriptions
+ *
+ * A queue holds handles. A handle is something clients wait on or subscribe
+ * to; a producer notifies it with an int64_t argument. Every handle counts its
+ * notifications (nq_seq), so a client can check its own condition and then
+ * wait for "a notification after the count I saw" with no lock held across
+ * the two (see nq_wait).
+ *
+ * Memory: the handle index table (8 bytes per handle of max_handles) is
+ * allocated by nq_queue_new. Handle slots, waits and subscriptions are
+ * allocated when created, up to the limits in nq_config_t, and counted
+ * against memory_limit; nothing is allocated by nq_notify. A handle slot is
+ * reused by later registrations (with a new generation) and freed with the
+ * queue.
+ *
+ * Threads: every function may be called from any thread unless it says
+ * otherwise. nq_notify never blocks on a client: it takes only the handle's
+ * internal lock (held by library code for a few instructions, never across a
+ * callback) and the locks of the handle's subscriptions.
+ * ------------------------------------------------------------------------ */
+typedef struct nq_queue nq_queue_t;
+
+/* 0 is never a valid handle. The low 32 bits name a slot, the high 32 bits
+ * its generation; any value that is not a live handle gets NQ_EBADH. */
+typedef uint64_t nq_handle_t;
+
+typedef struct nq_config {
+    uint32_t max_handles;                /* live handles at once (<= 2^24) */
+    uint32_t max_waiters_per_handle;     /* pending waits on one handle */
+    uint32_t max_subscribers_per_handle; /* subscriptions on one handle (<= 1024) */
+    uint32_t default_capacity;           /* subscription capacity when 0 is asked */
+    size_t memory_limit;                 /* bytes the queue may hold; 0 = derived */
+    /* Fields libnq adds (nq_config_init sets them too): */
+    uint32_t max_capacity; /* largest subscription capacity accepted */
+} nq_config_t;
+
+/* Defaults: 65536 handles, 256 waiters and 64 subscribers per handle,
+ * default capacity 1024, capacities up to 2^20, 256 MiB held in total. */
+NQ_EXTERN void nq_config_init(nq_config_t *cfg);
+
+/* cfg NULL = defaults. NQ_EINVAL for a zero or out-of-range limit (a limit
+ * larger than the documented maximum). */
+NQ_EXTERN int nq_queue_new(const nq_config_t *cfg, nq_queue_t **out);
+
+/* Unregisters every handle (pending waits complete with NQ_ECLOSED,
+ * subscriptions deliver what they hold, then NQ_ECLOSED), then drops the
+ * queue. Waits and subscriptions still open keep the queue's memory until
+ * they are released/closed; every call on the freed queue itself is a
+ * caller bug. No notify may run concurrently with or after nq_queue_free. */
+NQ_EXTERN void nq_queue_free(nq_queue_t *q);
+
+/* debug_hint (may be NULL) is copied (first 63 bytes) and shown by
+ * nq_queue_dump. NQ_ELIMIT at max_handles, NQ_ENOMEM at memory_limit. */
+NQ_EXTERN int nq_register(nq_queue_t *q, const char *debug_hint, nq_handle_t *out);
+
+/* Waits pending on h complete with NQ_ECLOSED; subscriptions on h deliver
+ * what they hold, then NQ_ECLOSED; later calls that name h get NQ_EBADH.
+ * A slot whose generation is exhausted is retired, never reused, so an old
+ * handle can never name a new owner. */
+NQ_EXTERN int nq_unregister(nq_queue_t *q, nq_handle_t h);
+
+/* Notifies h with arg: completes every wait pending on h, pushes arg to every
+ * subscription on h (a full one drops per its policy), bumps h's count.
+ * Returns how many receivers got arg (waits completed + subscriptions that
+ * stored it), or NQ_EINVAL / NQ_EBADH. Any thread; never allocates; wakers run
+ * after h's lock is released, on this thread. */
+NQ_EXTERN int nq_notify(nq_queue_t *q, nq_handle_t h, int64_t arg);
+
+/* ---- Waits (oneshot) ---- */
+#define NQ_SEQ_NEXT UINT64_MAX
+
+/* Notifications so far on h. */
+NQ_EXTERN int nq_seq(nq_queue_t *q, nq_handle_t h, uint64_t *seq);
+
+/* Blocks the calling thread until the first notification numbered after
+ * `after` (NQ_SEQ_NEXT: the next one from now): 0 with *arg (the latest arg
+ * if several came; arg may be NULL), NQ_ETIMEDOUT (timeout_ns < 0: none;
+ * CLOCK_MONOTONIC, never early; EINTR never surfaces), NQ_ECLOSED (h was
+ * unregistered), NQ_EBADH, NQ_ELIMIT (max_waiters_per_handle). Allocates
+ * nothing: the wait lives on the caller's stack. */
+NQ_EXTERN int nq_wait(nq_queue_t *q, nq_handle_t h, uint64_t after, int64_t timeout_ns,
+                      int64_t *arg);
+
+/* A waker is how the core tells any runtime that something is ready. wake(ctx)
+ * runs on the thread that completed the wait or filled the subscription
+ * (a notifier, or the thread calling nq_unregister / nq_queue_free), after
+ * every library lock is released. It must be cheap and must not block; it may
+ * call libnq functions other than releasing the object it belongs to. */
+typedef struct nq_waker {
+    void (*wake)(void *ctx);
+    void *ctx;
+} nq_waker_t;
+
+typedef struct nq_wait nq_wait_t;
+
+/* Starts a wait completed by the first notification after `after`. If it is
+ * already due, it completes at once and waker.wake runs before this returns.
+ * waker.wake runs at most once per wait. */
+NQ_EXTERN int nq_wait_start(nq_queue_t *q, nq_handle_t h, uint64_t after, nq_waker_t waker,
+                            nq_wait_t **out);
+/* NQ_EAGAIN while pending; 0 with *arg; NQ_ECLOSED; NQ_ECANCELED after a
+ * winning cancel; NQ_ETIMEDOUT for a port wait whose timeout expired. */
+NQ_EXTERN int nq_wait_result(nq_wait_t *w, int64_t *arg);
+/* 0: cancelled before it completed (its waker never runs); NQ_EALREADY: it
+ * had completed (its result is kept). Exactly one of a cancel and a
+ * concurrent completion wins. */
+NQ_EXTERN int nq_wait_cancel(nq_wait_t *w);
+/* Cancels if pending, waits for a waker call in progress to return, frees.
+ * After it returns the waker is never called. NULL is ignored. */
+NQ_EXTERN void nq_wait_release(nq_wait_t *w);
+
+/* ---- Subscriptions (bounded) ---- */
+typedef enum { NQ_DROP_NEWEST, NQ_DROP_OLDEST } nq_overflow_t;
+typedef struct nq_sub nq_sub_t;
+typedef struct nq_sub_opts {
+    uint32_t capacity; /* 0 = the queue's default. Exact: at most capacity unread args */
+    nq_overflow_t overflow;
+    const char *debug_hint;
+    nq_waker_t waker; /* optional: called when the subscription goes empty -> non-empty */
+} nq_sub_opts_t;
+
+NQ_EXTERN int nq_subscribe(nq_queue_t *q, nq_handle_t h, const nq_sub_opts_t *opts,
+                           nq_sub_t **out);
+NQ_EXTERN int nq_sub_try_recv(nq_sub_t *s, int64_t *arg);
+NQ_EXTERN int nq_sub_recv(nq_sub_t *s, int64_t timeout_ns, int64_t *arg);
+NQ_EXTERN int nq_sub_recv_batch(nq_sub_t *s, int64_t *args, size_t n);
+NQ_EXTERN uint64_t nq_sub_dropped(const nq_sub_t *s);
+NQ_EXTERN void nq_sub_close(nq_sub_t *s);
+
+/* ------------------------------------------------------------------------
+ * Ports: the loop side
+ *
+ * A port queues completions for one event-loop thread. It owns one eventfd
+ * (EFD_CLOEXEC | EFD_NONBLOCK) that is readable while callbacks are pending;
+ * the loop watches it and calls nq_port_dispatch, which runs the callbacks on
+ * the caller's thread. At most one eventfd write per dispatch cycle, however
+ * many notifications arrive. Every nq_port_* function except those that only
+ * read (nq_port_fd, nq_port_stats) is called on the port's (loop) thread;
+ * notifications that complete its waits may come from any thread.
+ * ------------------------------------------------------------------------ */
+typedef struct nq_port nq_port_t;
+
+/* A port for up to 65536 live waits + subscriptions. NQ_ESYS if eventfd
+ * fails (errno kept), NQ_ENOMEM. */
+NQ_EXTERN int nq_port_new(nq_port_t **out);
+/* The same with room for max_items (1 .. 2^22) live waits + subscriptions. */
+NQ_EXTERN int nq_port_new_sized(uint32_t max_items, nq_port_t **out);
+/* The eventfd to watch for readability, or NQ_EINVAL. */
+NQ_EXTERN int nq_port_fd(const nq_port_t *p);
+/* Runs up to budget ready callbacks (0: all that were ready when it began),
+ * then expires due timeouts (their callbacks run too). Returns how many
+ * callbacks ran. Work left over keeps the fd readable. NQ_EBUSY when called
+ * from inside one of the port's own callbacks. */
+NQ_EXTERN int nq_port_dispatch(nq_port_t *p, unsigned budget);
+/* Milliseconds until the next wait deadline (rounded up, 0 if due), -1 if
+ * none: pass it (or a smaller value) to epoll_wait / a loop timer. */
+NQ_EXTERN int64_t nq_port_timeout_ms(const nq_port_t *p);
+/* Waits still pending complete with NQ_ECANCELED, and every wait whose
+ * callback has not run gets it now; subscriptions created without an `out`
+ * pointer are closed, the others stop calling back (close them yourself).
+ * Called from inside a callback, the port is freed when dispatch returns. */
+NQ_EXTERN void nq_port_free(nq_port_t *p);
+
+typedef void (*nq_wait_cb)(void *data, int status, int64_t arg);
+/* A wait whose callback runs in nq_port_dispatch, exactly once: status 0 with
+ * arg, NQ_ETIMEDOUT (timeout_ms >= 0 elapsed; < 0: no timeout), NQ_ECLOSED,
+ * NQ_ECANCELED (nq_wait_cancel / nq_wait_release / nq_port_free). With out,
+ * the caller also holds the wait and must nq_wait_release it (also allowed
+ * inside the callback); data must stay valid until the callback has run. */
+NQ_EXTERN int nq_port_wait(nq_port_t *p, nq_queue_t *q, nq_handle_t h, uint64_t after,
+                           int64_t timeout_ms, nq_wait_cb cb, void *data, nq_wait_t **out);
+
+/* Called in nq_port_dispatch while the subscription is non-empty
+ * (level-triggered: drain part, and it is called again in a later dispatch),
+ * and once after its handle was unregistered and it is drained. With out,
+ * close it with nq_sub_close (also allowed inside the callback); without,
+ * the port closes it when the port is freed. */
+typedef void (*nq_sub_cb)(nq_sub_t *s, void *data);
+NQ_EXTERN int nq_port_subscribe(nq_port_t *p, nq_queue_t *q, nq_handle_t h,
+                                const nq_sub_opts_t *opts, nq_sub_cb cb, void *data,
+                                nq_sub_t **out);
+
+/* For adapters. attach: at most one owner at a time (NQ_EBUSY). on_deadline:
+ * cb runs (on the port's thread, inside nq_port_wait) whenever the next
+ * deadline moves earlier, so the adapter can re-arm its loop timer. */
+NQ_EXTERN int nq_port_attach(nq_port_t *p, const void *owner);
+NQ_EXTERN int nq_port_detach(nq_port_t *p, const void *owner);
+NQ_EXTERN int nq_port_on_deadline(nq_port_t *p, void (*cb)(nq_port_t *p, void *data),
+                                  void *data);
+
+/* ------------------------------------------------------------------------
+ * Observability
+ * ------------------------------------------------------------------------ */
+typedef struct nq_stats {
+    uint64_t notifies;        /* nq_notify calls on live handles */
+    uint64_t deliveries;      /* receivers reached: waits completed by notify + args stored */
+    uint64_t drops;           /* args dropped by full subscriptions */
+    uint64_t waits_completed; /* by a notification */
+    uint64_t waits_closed;    /* by nq_unregister / nq_queue_free */
+    uint64_t waits_timed_out;
+    uint64_t waits_cancelled;
+    uint32_t live_handles;
+    uint32_t retired_slots;   /* slots whose generations ran out */
+    uint32_t live_waits;      /* nq_wait_t not yet released (blocked nq_wait not counted) */
+    uint32_t live_subs;
+    uint64_t waits_pending;   /* on handles' lists now */
+    size_t bytes_held;
+    size_t memory_limit;
+} nq_stats_t;
+NQ_EXTERN int nq_queue_stats(const nq_queue_t *q, nq_stats_t *out);
+
+typedef struct nq_port_stats {
+    uint64_t dispatches;
+    uint64_t callbacks;
+    uint64_t efd_writes;
+    uint64_t efd_reads;
+    uint64_t deadlines_expired;
+    uint32_t live_items; /* waits + subscriptions on the port */
+    uint32_t max_items;
+    uint32_t deadlines;  /* waits with a pending deadline */
+} nq_port_stats_t;
+NQ_EXTERN int nq_port_stats(const nq_port_t *p, nq_port_stats_t *out);
+
+/* Writes every live handle with its debug hint, seq, waiters and subscribers
+ * (hint, depth/capacity, drops) to f. Any thread. */
+NQ_EXTERN int nq_queue_dump(const nq_queue_t *q, FILE *f);
 
 #ifdef __cplusplus
 }

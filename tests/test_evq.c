@@ -217,8 +217,9 @@ Test(evq, forced_overflow_is_reported_and_harmless) {
     cr_assert_eq(nq_evq_notify(e, 4), 0, "after the drain the token queues normally");
     cr_assert_eq(nq_evq_poll(e, out, 8), 1);
     cr_assert_eq(out[0], 4);
-    cr_assert_eq(nq__evq_new_ring(8, 3, &e), NQ_EINVAL, "ring size must be a power of two");
     nq_evq_free(e);
+    cr_assert_eq(nq__evq_new_ring(8, 3, &e), NQ_EINVAL, "ring size must be a power of two");
+    cr_assert_null(e);
 }
 
 /* --- blocking wait -------------------------------------------------------- */

@@ -1,0 +1,541 @@
+/* Ports: where completions for one event-loop thread are queued. A port owns
+ * one eventfd that is readable while callbacks are pending, an nq_evq of ready
+ * items (tokens index the port's item table), and a deadline heap for waits
+ * with timeouts. Callbacks run only inside nq_port_dispatch, on its caller's
+ * thread; every other port function is also called on that thread. Wakers
+ * (nq__port_signal) run on any thread.
+ *
+ * Wake-up protocol: at most one eventfd write per dispatch cycle.
+ *   waker (any thread)                     dispatch (loop thread)
+ *   nq_evq_notify(ready, token)            read(eventfd)  (if signalled)
+ *     -- its CAS on the evq's tail is      signalled = 0            (seq_cst, P)
+ *        seq_cst (W)                       n = pending(ready): reads the evq's
+ *   if load(signalled) == 0  (seq_cst, R)      tail with seq_cst    (L)
+ *      and xchg(signalled, 1) == 0         run up to min(n, budget) items
+ *        write(eventfd, 1)                 if ready is not empty: signal again
+ * If dispatch's L misses the waker's token, then P < L < W < R in the seq_cst
+ * order and R reads 0: the waker writes the eventfd and the loop comes back.
+ * A token whose notifier is between its CAS and its slot store is seen as
+ * "not empty" at the end of dispatch, which signals again: nothing is lost.
+ * The xchg lets one waker per cycle make the write; the others see 1.
+ * A conflated evq notify makes no CAS, but the notify that queued the token
+ * did, and that one signals (or dispatch sees its token).
+ *
+ * Tokens are reused after their item is gone; a stale token can still come
+ * out of the evq (a late waker), so dispatch checks each item's own state
+ * and treats a token that names nothing due as spurious.
+ */
+#include <errno.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "core/queue.h"
+#include "core/evq.h"
+
+#define NQ__PORT_DEFAULT_ITEMS (1u << 16)
+#define NQ__PORT_MAX_ITEMS (1u << 22)
+
+enum { NQ__PI_NONE = 0, NQ__PI_WAIT, NQ__PI_SUB };
+
+typedef struct nq__pitem {
+    uint8_t kind;
+    void *obj;
+} nq__pitem_t;
+
+struct nq_port {
+    int efd;
+    nq_evq_t *ready;
+    uint32_t max_items;
+
+    /* Written by wakers on every thread, read by dispatch. */
+    NQ__CACHELINE_ALIGNED atomic_int signalled;
+    _Atomic uint64_t efd_writes;
+
+    /* The loop thread's own. Counters are atomic for nq_port_stats only. */
+    NQ__CACHELINE_ALIGNED nq__pitem_t *items;
+    uint32_t *free_tokens;
+    uint32_t nfree;
+    uint32_t live_items;
+    nq_wait_t **heap; /* min-heap by deadline_ns */
+    uint32_t heap_len;
+    int in_dispatch;
+    int free_deferred;
+    void (*deadline_cb)(nq_port_t *p, void *data);
+    void *deadline_data;
+    const void *owner; /* the adapter attached, if any */
+    _Atomic uint64_t dispatches, callbacks, efd_reads, deadlines_expired;
+};
+
+/* --- creation ----------------------------------------------------------- */
+
+int nq_port_new_sized(uint32_t max_items, nq_port_t **out) {
+    if (out == NULL)
+        return NQ_EINVAL;
+    *out = NULL;
+    if (max_items == 0 || max_items > NQ__PORT_MAX_ITEMS)
+        return NQ_EINVAL;
+    nq_port_t *p = nq__aligned_alloc(NQ__CACHELINE, sizeof(*p));
+    if (p == NULL)
+        return NQ_ENOMEM;
+    memset(p, 0, sizeof(*p));
+    p->efd = -1;
+    p->max_items = max_items;
+    p->items = nq__calloc(max_items, sizeof(*p->items));
+    p->free_tokens = nq__malloc((size_t)max_items * sizeof(uint32_t));
+    p->heap = nq__malloc((size_t)max_items * sizeof(nq_wait_t *));
+    int rc = NQ_ENOMEM;
+    if (p->items == NULL || p->free_tokens == NULL || p->heap == NULL)
+        goto fail;
+    rc = nq_evq_new(max_items, &p->ready);
+    if (rc < 0)
+        goto fail;
+    p->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (p->efd < 0) {
+        rc = NQ_ESYS;
+        goto fail;
+    }
+    for (uint32_t i = 0; i < max_items; i++)
+        p->free_tokens[i] = max_items - 1 - i; /* hand out 0, 1, 2 ... first */
+    p->nfree = max_items;
+    atomic_init(&p->signalled, 0);
+    *out = p;
+    return 0;
+fail:;
+    int saved = errno;
+    nq_evq_free(p->ready);
+    nq__free(p->items);
+    nq__free(p->free_tokens);
+    nq__free(p->heap);
+    nq__free(p);
+    errno = saved;
+    return rc;
+}
+
+int nq_port_new(nq_port_t **out) {
+    return nq_port_new_sized(NQ__PORT_DEFAULT_ITEMS, out);
+}
+
+int nq_port_fd(const nq_port_t *p) {
+    return p == NULL ? NQ_EINVAL : p->efd;
+}
+
+int nq_port_attach(nq_port_t *p, const void *owner) {
+    if (p == NULL || owner == NULL)
+        return NQ_EINVAL;
+    if (p->owner != NULL)
+        return NQ_EBUSY;
+    p->owner = owner;
+    return 0;
+}
+
+int nq_port_detach(nq_port_t *p, const void *owner) {
+    if (p == NULL || owner == NULL)
+        return NQ_EINVAL;
+    if (p->owner != owner)
+        return NQ_EINVAL;
+    p->owner = NULL;
+    return 0;
+}
+
+int nq_port_on_deadline(nq_port_t *p, void (*cb)(nq_port_t *p, void *data), void *data) {
+    if (p == NULL)
+        return NQ_EINVAL;
+    p->deadline_cb = cb;
+    p->deadline_data = data;
+    return 0;
+}
+
+/* --- the waker side (any thread) ---------------------------------------- */
+
+static void nq__port_signal(nq_port_t *p, uint32_t token) {
+    nq_evq_notify(p->ready, token); /* token < max_items: cannot fail */
+    /* R: seq_cst pairs with dispatch's store of 0 (P); see the top. */
+    if (atomic_load_explicit(&p->signalled, memory_order_seq_cst) == 0 &&
+        atomic_exchange_explicit(&p->signalled, 1, memory_order_seq_cst) == 0) {
+        uint64_t one = 1;
+        int saved = errno;
+        /* Cannot fail short of a closed fd: the counter is read every cycle,
+         * so it never nears its 2^64-2 limit. */
+        ssize_t r = write(p->efd, &one, sizeof(one));
+        (void)r;
+        errno = saved;
+        atomic_fetch_add_explicit(&p->efd_writes, 1, memory_order_relaxed);
+    }
+}
+
+static void nq__port_wait_wake(void *ctx) {
+    nq_wait_t *w = ctx;
+    nq__port_signal(w->port, w->token);
+}
+
+void nq__port_sub_wake(nq_sub_t *s) {
+    nq_port_t *p = atomic_load_explicit(&s->port, memory_order_relaxed);
+    if (p != NULL)
+        nq__port_signal(p, s->token);
+}
+
+/* --- tokens and the deadline heap (loop thread) -------------------------- */
+
+static int nq__port_token(nq_port_t *p, uint32_t *token) {
+    if (p->nfree == 0)
+        return NQ_ELIMIT;
+    *token = p->free_tokens[--p->nfree];
+    p->live_items++;
+    return 0;
+}
+
+static void nq__port_untoken(nq_port_t *p, uint32_t token) {
+    p->items[token].kind = NQ__PI_NONE;
+    p->items[token].obj = NULL;
+    p->free_tokens[p->nfree++] = token;
+    p->live_items--;
+}
+
+static void nq__heap_set(nq_port_t *p, uint32_t i, nq_wait_t *w) {
+    p->heap[i] = w;
+    w->heap_index = i;
+}
+
+static void nq__heap_up(nq_port_t *p, uint32_t i) {
+    nq_wait_t *w = p->heap[i];
+    while (i > 0) {
+        uint32_t parent = (i - 1) / 2;
+        if (p->heap[parent]->deadline_ns <= w->deadline_ns)
+            break;
+        nq__heap_set(p, i, p->heap[parent]);
+        i = parent;
+    }
+    nq__heap_set(p, i, w);
+}
+
+static void nq__heap_down(nq_port_t *p, uint32_t i) {
+    nq_wait_t *w = p->heap[i];
+    for (;;) {
+        uint32_t c = 2 * i + 1;
+        if (c >= p->heap_len)
+            break;
+        if (c + 1 < p->heap_len && p->heap[c + 1]->deadline_ns < p->heap[c]->deadline_ns)
+            c++;
+        if (w->deadline_ns <= p->heap[c]->deadline_ns)
+            break;
+        nq__heap_set(p, i, p->heap[c]);
+        i = c;
+    }
+    nq__heap_set(p, i, w);
+}
+
+static void nq__heap_remove(nq_port_t *p, nq_wait_t *w) {
+    uint32_t i = w->heap_index;
+    if (i == UINT32_MAX)
+        return;
+    w->heap_index = UINT32_MAX;
+    nq_wait_t *last = p->heap[--p->heap_len];
+    if (i == p->heap_len)
+        return;
+    nq__heap_set(p, i, last);
+    nq__heap_up(p, i);
+    nq__heap_down(p, last->heap_index);
+}
+
+int64_t nq_port_timeout_ms(const nq_port_t *p) {
+    if (p == NULL || p->heap_len == 0)
+        return -1;
+    int64_t left = p->heap[0]->deadline_ns - nq__now_ns();
+    if (left <= 0)
+        return 0;
+    return (left + 999999) / 1000000; /* round up: a loop timer never fires early */
+}
+
+/* --- port waits ---------------------------------------------------------- */
+
+int nq_port_wait(nq_port_t *p, nq_queue_t *q, nq_handle_t h, uint64_t after,
+                 int64_t timeout_ms, nq_wait_cb cb, void *data, nq_wait_t **out) {
+    if (out != NULL)
+        *out = NULL;
+    if (p == NULL || q == NULL || cb == NULL)
+        return NQ_EINVAL;
+    if (p->free_deferred)
+        return NQ_ECLOSED;
+    uint32_t token;
+    if (nq__port_token(p, &token) < 0)
+        return NQ_ELIMIT;
+    int rc = NQ_ENOMEM;
+    nq_wait_t *w = NULL;
+    if (nq__mem_reserve(q, sizeof(nq_wait_t)) < 0)
+        goto fail;
+    w = nq__calloc(1, sizeof(*w));
+    if (w == NULL) {
+        nq__mem_release(q, sizeof(nq_wait_t));
+        goto fail;
+    }
+    w->kind = NQ__WK_PORT;
+    w->port = p;
+    w->token = token;
+    w->cb = cb;
+    w->data = data;
+    w->heap_index = UINT32_MAX;
+    w->waker.wake = nq__port_wait_wake;
+    w->waker.ctx = w;
+    atomic_init(&w->state, NQ__W_PENDING);
+    atomic_init(&w->inflight, 0);
+    atomic_init(&w->refs, out != NULL ? 2 : 1);
+    p->items[token].kind = NQ__PI_WAIT;
+    p->items[token].obj = w;
+    rc = nq__wait_attach(q, h, after, w);
+    if (rc < 0) {
+        nq__free(w);
+        nq__mem_release(q, sizeof(nq_wait_t));
+        goto fail;
+    }
+    atomic_fetch_add_explicit(&q->refs, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&q->live_waits, 1, memory_order_relaxed);
+    if (rc == 1) { /* due already: its callback runs in the next dispatch */
+        w->done_next = NULL;
+        nq__wait_run_wakers(w);
+    } else if (timeout_ms >= 0) {
+        int64_t now = nq__now_ns();
+        w->deadline_ns = timeout_ms > (INT64_MAX - now) / 1000000 ? INT64_MAX
+                                                                  : now + timeout_ms * 1000000;
+        p->heap[p->heap_len++] = w;
+        nq__heap_up(p, p->heap_len - 1);
+        if (w->heap_index == 0 && p->deadline_cb != NULL)
+            p->deadline_cb(p, p->deadline_data); /* the next deadline moved earlier */
+    }
+    if (out != NULL)
+        *out = w;
+    return 0;
+fail:
+    nq__port_untoken(p, token);
+    return rc;
+}
+
+/* Runs w's callback once (it has completed), then drops the port's ref.
+ * The waker that completed w may still be inside nq__port_signal: wait for
+ * it, so no waker touches the port on w's behalf afterwards. */
+static void nq__port_finish_wait(nq_port_t *p, nq_wait_t *w) {
+    nq__wait_quiesce(w);
+    w->cb_done = 1;
+    nq__heap_remove(p, w);
+    nq__port_untoken(p, w->token);
+    atomic_fetch_add_explicit(&p->callbacks, 1, memory_order_relaxed);
+    w->cb(w->data, w->status, w->status == 0 ? w->arg : 0);
+    nq__wait_unref(w);
+}
+
+/* --- port subscriptions -------------------------------------------------- */
+
+int nq_port_subscribe(nq_port_t *p, nq_queue_t *q, nq_handle_t h, const nq_sub_opts_t *opts,
+                      nq_sub_cb cb, void *data, nq_sub_t **out) {
+    if (out != NULL)
+        *out = NULL;
+    if (p == NULL || q == NULL || cb == NULL)
+        return NQ_EINVAL;
+    if (p->free_deferred)
+        return NQ_ECLOSED;
+    uint32_t token;
+    if (nq__port_token(p, &token) < 0)
+        return NQ_ELIMIT;
+    nq__sub_port_t pp = {p, token, cb, data, out == NULL};
+    nq_sub_t *s;
+    int rc = nq__sub_new(q, h, opts, &pp, &s);
+    if (rc < 0) {
+        nq__port_untoken(p, token);
+        return rc;
+    }
+    p->items[token].kind = NQ__PI_SUB;
+    p->items[token].obj = s;
+    if (out != NULL)
+        *out = s;
+    return 0;
+}
+
+/* nq_sub_close on a port subscription (on the port's thread). */
+void nq__port_sub_close(nq_sub_t *s) {
+    nq_port_t *p = atomic_load_explicit(&s->port, memory_order_relaxed);
+    if (p != NULL && s->in_cb) {
+        s->close_deferred = 1; /* freed when its callback returns */
+        return;
+    }
+    nq__sub_detach(s);
+    if (p != NULL) {
+        atomic_store_explicit(&s->port, NULL, memory_order_relaxed);
+        nq__port_untoken(p, s->token);
+    }
+    nq__sub_destroy(s);
+}
+
+static int nq__port_run_sub(nq_port_t *p, nq_sub_t *s) {
+    uint32_t ready = atomic_load_explicit(&s->ready, memory_order_acquire);
+    if (ready == 0 || (!(ready & 1u) && s->closed_reported))
+        return 0; /* spurious, or closed and already told */
+    s->in_cb = 1;
+    atomic_fetch_add_explicit(&p->callbacks, 1, memory_order_relaxed);
+    s->cb(s, s->data);
+    s->in_cb = 0;
+    if (s->close_deferred) {
+        nq__port_sub_close(s);
+        return 1;
+    }
+    ready = atomic_load_explicit(&s->ready, memory_order_acquire);
+    if (ready & 1u)
+        nq_evq_notify(p->ready, s->token); /* level-triggered: again next dispatch */
+    else if (ready & 2u)
+        s->closed_reported = 1;
+    return 1;
+}
+
+/* --- dispatch ------------------------------------------------------------ */
+
+static int nq__port_run(nq_port_t *p, uint32_t token) {
+    nq__pitem_t *it = &p->items[token];
+    if (it->kind == NQ__PI_WAIT) {
+        nq_wait_t *w = it->obj;
+        /* Acquire pairs with the completer's store of DONE. */
+        if (atomic_load_explicit(&w->state, memory_order_acquire) == NQ__W_PENDING || w->cb_done)
+            return 0; /* a stale token */
+        nq__port_finish_wait(p, w);
+        return 1;
+    }
+    if (it->kind == NQ__PI_SUB)
+        return nq__port_run_sub(p, it->obj);
+    return 0;
+}
+
+static int nq__port_expire(nq_port_t *p) {
+    int ran = 0;
+    int64_t now = nq__now_ns();
+    while (p->heap_len > 0 && p->heap[0]->deadline_ns <= now) {
+        nq_wait_t *w = p->heap[0];
+        nq__heap_remove(p, w);
+        if (nq__wait_cancel_status(w, NQ_ETIMEDOUT) == 0) {
+            atomic_fetch_add_explicit(&p->deadlines_expired, 1, memory_order_relaxed);
+            nq__port_finish_wait(p, w); /* its token, if queued, is now stale */
+            ran++;
+        }
+        /* else: a notification won; its token brings the callback. */
+    }
+    return ran;
+}
+
+static void nq__port_destroy(nq_port_t *p);
+
+int nq_port_dispatch(nq_port_t *p, unsigned budget) {
+    if (p == NULL)
+        return NQ_EINVAL;
+    if (p->in_dispatch)
+        return NQ_EBUSY; /* from inside one of its own callbacks */
+    p->in_dispatch = 1;
+    atomic_fetch_add_explicit(&p->dispatches, 1, memory_order_relaxed);
+
+    if (atomic_load_explicit(&p->signalled, memory_order_relaxed)) {
+        uint64_t v;
+        int saved = errno;
+        if (read(p->efd, &v, sizeof(v)) == (ssize_t)sizeof(v))
+            atomic_fetch_add_explicit(&p->efd_reads, 1, memory_order_relaxed);
+        errno = saved;
+    }
+    /* P: seq_cst, before L (nq__evq_pending reads the tail with seq_cst). */
+    atomic_store_explicit(&p->signalled, 0, memory_order_seq_cst);
+    uint64_t limit = nq__evq_pending(p->ready);
+    if (budget != 0 && budget < limit)
+        limit = budget;
+
+    int ran = 0;
+    uint32_t toks[64];
+    while (limit > 0 && !p->free_deferred) {
+        size_t n = nq_evq_poll(p->ready, toks, limit < 64 ? (size_t)limit : 64);
+        if (n == 0)
+            break;
+        limit -= n;
+        for (size_t i = 0; i < n && !p->free_deferred; i++)
+            ran += nq__port_run(p, toks[i]);
+    }
+    if (!p->free_deferred)
+        ran += nq__port_expire(p);
+
+    p->in_dispatch = 0;
+    if (p->free_deferred) {
+        nq__port_destroy(p);
+        return ran;
+    }
+    /* Work left (budget, re-armed subscriptions, a notifier mid-store):
+     * keep the fd readable so the loop comes back. */
+    if (nq__evq_pending(p->ready) > 0 &&
+        atomic_exchange_explicit(&p->signalled, 1, memory_order_seq_cst) == 0) {
+        uint64_t one = 1;
+        int saved = errno;
+        ssize_t r = write(p->efd, &one, sizeof(one));
+        (void)r;
+        errno = saved;
+        atomic_fetch_add_explicit(&p->efd_writes, 1, memory_order_relaxed);
+    }
+    return ran;
+}
+
+/* --- free ---------------------------------------------------------------- */
+
+static void nq__port_destroy(nq_port_t *p) {
+    /* Callbacks run below: they may not start port waits or dispatch. */
+    p->free_deferred = 1;
+    p->in_dispatch = 1;
+    /* Waits first: pending ones complete with NQ_ECANCELED, and every wait
+     * whose callback has not run gets it now, exactly once. */
+    for (uint32_t t = 0; t < p->max_items; t++) {
+        if (p->items[t].kind != NQ__PI_WAIT)
+            continue;
+        nq_wait_t *w = p->items[t].obj;
+        nq__wait_cancel_status(w, NQ_ECANCELED);
+        nq__port_finish_wait(p, w);
+    }
+    for (uint32_t t = 0; t < p->max_items; t++) {
+        if (p->items[t].kind != NQ__PI_SUB)
+            continue;
+        nq_sub_t *s = p->items[t].obj;
+        /* Unhook the port under the sub's lock, then wait for wakers that
+         * may still be signalling it. */
+        nq__lock(&s->lock);
+        atomic_store_explicit(&s->port, NULL, memory_order_relaxed);
+        nq__unlock(&s->lock);
+        nq__port_untoken(p, t);
+        if (s->port_owned) {
+            nq__sub_detach(s);
+            nq__sub_destroy(s);
+        } else {
+            nq__sub_quiesce(s); /* the user still holds it: nq_sub_close it later */
+        }
+    }
+    nq_evq_free(p->ready);
+    if (p->efd >= 0)
+        close(p->efd);
+    nq__free(p->items);
+    nq__free(p->free_tokens);
+    nq__free(p->heap);
+    nq__free(p);
+}
+
+void nq_port_free(nq_port_t *p) {
+    if (p == NULL)
+        return;
+    if (p->in_dispatch) {
+        p->free_deferred = 1; /* freed when the dispatch returns */
+        return;
+    }
+    nq__port_destroy(p);
+}
+
+int nq_port_stats(const nq_port_t *cp, nq_port_stats_t *out) {
+    if (cp == NULL || out == NULL)
+        return NQ_EINVAL;
+    nq_port_t *p = (nq_port_t *)cp;
+    memset(out, 0, sizeof(*out));
+    out->dispatches = atomic_load_explicit(&p->dispatches, memory_order_relaxed);
+    out->callbacks = atomic_load_explicit(&p->callbacks, memory_order_relaxed);
+    out->efd_writes = atomic_load_explicit(&p->efd_writes, memory_order_relaxed);
+    out->efd_reads = atomic_load_explicit(&p->efd_reads, memory_order_relaxed);
+    out->deadlines_expired = atomic_load_explicit(&p->deadlines_expired, memory_order_relaxed);
+    out->live_items = p->live_items;
+    out->max_items = p->max_items;
+    out->deadlines = p->heap_len;
+    return 0;
+}

@@ -1,0 +1,351 @@
+/* Bounded subscriptions: every notification on a handle, up to `capacity`
+ * unread args, with exact drop accounting.
+ *
+ * The ring holds exactly `capacity` args (no rounding): stored + dropped ==
+ * notifications sent to the subscription, and delivered + held == stored.
+ * Producers push under the handle slot's lock and the subscription's lock;
+ * receivers pop under the subscription's lock only, so a receiver never
+ * blocks a producer of another handle, and a full subscription costs its
+ * producers one comparison and a counter.
+ *
+ * Wake-up protocol of a blocked nq_sub_recv (park.h draws it):
+ *   producer (push)                          receiver (nq_sub_recv)
+ *   ready |= 1 on empty -> non-empty         park_prepare           (seq_cst, P)
+ *            (seq_cst, W), under lock        ready != 0 ?           (seq_cst, L)
+ *   unlock; nq__park_wake                      yes: cancel park; pop
+ *                                              no:  futex_wait until deadline
+ * The user's waker is called on the same transitions (empty -> non-empty, and
+ * closed), after every lock is released.
+ */
+#include <sched.h>
+#include <string.h>
+
+#include "core/queue.h"
+
+#define NQ__READY_DATA 1u
+#define NQ__READY_CLOSED 2u
+
+static size_t nq__sub_bytes(uint32_t capacity) {
+    return sizeof(nq_sub_t) + (size_t)capacity * sizeof(int64_t);
+}
+
+int nq__sub_new(nq_queue_t *q, nq_handle_t h, const nq_sub_opts_t *opts,
+                const nq__sub_port_t *pp, nq_sub_t **out) {
+    nq_sub_opts_t o;
+    if (opts != NULL)
+        o = *opts;
+    else
+        memset(&o, 0, sizeof(o));
+    if (o.overflow != NQ_DROP_NEWEST && o.overflow != NQ_DROP_OLDEST)
+        return NQ_EINVAL;
+    uint32_t cap = o.capacity ? o.capacity : q->cfg.default_capacity;
+    if (cap > q->cfg.max_capacity)
+        return NQ_EINVAL;
+
+    size_t bytes = nq__sub_bytes(cap);
+    if (nq__mem_reserve(q, bytes) < 0)
+        return NQ_ENOMEM;
+    nq_sub_t *s = nq__calloc(1, sizeof(*s));
+    int64_t *ring = nq__malloc((size_t)cap * sizeof(int64_t));
+    size_t hint_bytes = 0;
+    char *hint = nq__hint_dup(q, o.debug_hint, &hint_bytes);
+    nq_sub_t **arr = NULL;
+    int rc = 0;
+    if (s == NULL || ring == NULL ||
+        (o.debug_hint != NULL && o.debug_hint[0] != '\0' && hint == NULL)) {
+        rc = NQ_ENOMEM;
+        goto fail;
+    }
+    s->q = q;
+    s->capacity = cap;
+    s->overflow = o.overflow;
+    s->waker = o.waker;
+    s->ring = ring;
+    s->hint = hint;
+    s->token = UINT32_MAX;
+    if (pp != NULL) {
+        atomic_init(&s->port, pp->port);
+        s->token = pp->token;
+        s->cb = pp->cb;
+        s->data = pp->data;
+        s->port_owned = pp->owned;
+    }
+    nq__lock_init(&s->lock);
+    nq__park_init(&s->park);
+
+    /* The slot's array is sized for max_subscribers_per_handle at the first
+     * subscribe; allocate it before taking the slot's lock. */
+    size_t arr_bytes = (size_t)q->cfg.max_subscribers_per_handle * sizeof(nq_sub_t *);
+    int err;
+    nq__hslot_t *slot = nq__slot_lock(q, h, &err);
+    if (slot == NULL) {
+        rc = err;
+        goto fail;
+    }
+    if (slot->subs == NULL) {
+        nq__unlock(&slot->lock);
+        if (nq__mem_reserve(q, arr_bytes) < 0) {
+            rc = NQ_ENOMEM;
+            goto fail;
+        }
+        arr = nq__calloc(q->cfg.max_subscribers_per_handle, sizeof(nq_sub_t *));
+        if (arr == NULL) {
+            nq__mem_release(q, arr_bytes);
+            rc = NQ_ENOMEM;
+            goto fail;
+        }
+        slot = nq__slot_lock(q, h, &err);
+        if (slot == NULL) {
+            rc = err;
+            goto fail_arr;
+        }
+        if (slot->subs == NULL) {
+            slot->subs = arr; /* kept with the slot until the queue is freed */
+            arr = NULL;
+        }
+    }
+    if (slot->nsubs >= q->cfg.max_subscribers_per_handle) {
+        nq__unlock(&slot->lock);
+        rc = NQ_ELIMIT;
+        goto fail_arr;
+    }
+    s->index = (uint32_t)h - 1;
+    s->gen = (uint32_t)(h >> 32);
+    s->attached = 1;
+    slot->subs[slot->nsubs++] = s;
+    nq__unlock(&slot->lock);
+    if (arr != NULL) {
+        nq__free(arr);
+        nq__mem_release(q, arr_bytes);
+    }
+    atomic_fetch_add_explicit(&q->refs, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&q->live_subs, 1, memory_order_relaxed);
+    *out = s;
+    return 0;
+
+fail_arr:
+    if (arr != NULL) {
+        nq__free(arr);
+        nq__mem_release(q, arr_bytes);
+    }
+fail:
+    nq__hint_free(q, hint);
+    nq__free(ring);
+    nq__free(s);
+    nq__mem_release(q, bytes);
+    return rc;
+}
+
+int nq_subscribe(nq_queue_t *q, nq_handle_t h, const nq_sub_opts_t *opts, nq_sub_t **out) {
+    if (q == NULL || out == NULL)
+        return NQ_EINVAL;
+    *out = NULL;
+    return nq__sub_new(q, h, opts, NULL, out);
+}
+
+/* Under the slot lock. Returns 1 if arg was stored; sets *wake to s when the
+ * push made s non-empty and a waker call is owed (counted in inflight). */
+int nq__sub_push_locked(nq_sub_t *s, int64_t arg, nq_sub_t **wake) {
+    int stored = 1;
+    nq__lock(&s->lock);
+    uint32_t was = s->count;
+    if (was < s->capacity) {
+        uint32_t i = s->head + was;
+        if (i >= s->capacity)
+            i -= s->capacity;
+        s->ring[i] = arg;
+        s->count = was + 1;
+    } else if (s->overflow == NQ_DROP_NEWEST) {
+        stored = 0;
+    } else { /* NQ_DROP_OLDEST: overwrite the oldest unread */
+        s->ring[s->head] = arg;
+        if (++s->head == s->capacity)
+            s->head = 0;
+    }
+    if (stored)
+        atomic_store_explicit(&s->stored, atomic_load_explicit(&s->stored, memory_order_relaxed) + 1,
+                              memory_order_relaxed);
+    if (!stored || was == s->capacity) /* something was lost */
+        atomic_store_explicit(&s->dropped,
+                              atomic_load_explicit(&s->dropped, memory_order_relaxed) + 1,
+                              memory_order_relaxed);
+    if (was == 0) {
+        /* W: seq_cst pairs with the receiver's load of ready (L). */
+        atomic_fetch_or_explicit(&s->ready, NQ__READY_DATA, memory_order_seq_cst);
+        atomic_fetch_add_explicit(&s->inflight, 1, memory_order_relaxed);
+        *wake = s;
+    }
+    nq__unlock(&s->lock);
+    return stored;
+}
+
+/* Leaving the handle: its counts move to the queue's totals, so stats do
+ * not drop while it waits to be closed. Under the slot lock and q->lock
+ * (nq_queue_stats reads both sides under q->lock). No push follows. */
+static void nq__sub_account_locked(nq_sub_t *s) {
+    nq_queue_t *q = s->q;
+    atomic_fetch_add_explicit(&q->drops_gone, atomic_load_explicit(&s->dropped, memory_order_relaxed),
+                              memory_order_relaxed);
+    atomic_fetch_add_explicit(&q->stored_gone, atomic_load_explicit(&s->stored, memory_order_relaxed),
+                              memory_order_relaxed);
+}
+
+/* Under the slot lock and q->lock (nq_unregister): the handle is gone. */
+void nq__sub_close_locked(nq_sub_t *s, nq_sub_t **wake) {
+    nq__lock(&s->lock);
+    nq__sub_account_locked(s);
+    s->closed = 1;
+    s->attached = 0;
+    atomic_fetch_or_explicit(&s->ready, NQ__READY_CLOSED, memory_order_seq_cst);
+    atomic_fetch_add_explicit(&s->inflight, 1, memory_order_relaxed);
+    *wake = s;
+    nq__unlock(&s->lock);
+}
+
+/* Outside every lock: wake a blocked receiver, then the user's waker. */
+void nq__sub_run_waker(nq_sub_t *s) {
+    nq__park_wake(&s->park);
+    nq__port_sub_wake(s);
+    if (s->waker.wake != NULL)
+        s->waker.wake(s->waker.ctx);
+    /* Release pairs with the acquire in nq__sub_quiesce. */
+    atomic_fetch_sub_explicit(&s->inflight, 1, memory_order_release);
+}
+
+static int nq__sub_pop_locked(nq_sub_t *s, int64_t *args, size_t n) {
+    size_t k = 0;
+    while (k < n && s->count > 0) {
+        args[k++] = s->ring[s->head];
+        if (++s->head == s->capacity)
+            s->head = 0;
+        s->count--;
+    }
+    if (s->count == 0 && k > 0)
+        atomic_fetch_and_explicit(&s->ready, ~NQ__READY_DATA, memory_order_relaxed);
+    return (int)k;
+}
+
+int nq_sub_try_recv(nq_sub_t *s, int64_t *arg) {
+    if (s == NULL)
+        return NQ_EINVAL;
+    int64_t tmp;
+    nq__lock(&s->lock);
+    int n = nq__sub_pop_locked(s, arg != NULL ? arg : &tmp, 1);
+    int closed = s->closed;
+    nq__unlock(&s->lock);
+    if (n == 1)
+        return 0;
+    return closed ? NQ_ECLOSED : NQ_EAGAIN;
+}
+
+int nq_sub_recv_batch(nq_sub_t *s, int64_t *args, size_t n) {
+    if (s == NULL || args == NULL || n == 0)
+        return NQ_EINVAL;
+    if (n > INT32_MAX)
+        n = INT32_MAX;
+    nq__lock(&s->lock);
+    int k = nq__sub_pop_locked(s, args, n);
+    int closed = s->closed;
+    nq__unlock(&s->lock);
+    if (k == 0 && closed)
+        return NQ_ECLOSED;
+    return k;
+}
+
+int nq_sub_recv(nq_sub_t *s, int64_t timeout_ns, int64_t *arg) {
+    if (s == NULL)
+        return NQ_EINVAL;
+    int rc = nq_sub_try_recv(s, arg);
+    if (rc != NQ_EAGAIN || timeout_ns == 0)
+        return rc == NQ_EAGAIN ? NQ_ETIMEDOUT : rc;
+    /* One blocked receiver at a time: the park word has one sleeper. */
+    if (atomic_exchange_explicit(&s->receiving, 1, memory_order_acquire))
+        return NQ_EBUSY;
+    int64_t deadline = nq__deadline_ns(timeout_ns);
+    for (;;) {
+        rc = nq_sub_try_recv(s, arg);
+        if (rc != NQ_EAGAIN)
+            break;
+        if (nq__now_ns() >= deadline) {
+            rc = NQ_ETIMEDOUT;
+            break;
+        }
+        nq__park_prepare(&s->park);
+        /* L: seq_cst pairs with the producer's fetch_or of ready (W). */
+        if (atomic_load_explicit(&s->ready, memory_order_seq_cst) != 0) {
+            nq__park_cancel(&s->park);
+            continue;
+        }
+        int prc = nq__park_commit(&s->park, deadline);
+        nq__park_cancel(&s->park);
+        if (prc == NQ_ESYS) {
+            rc = prc;
+            break;
+        }
+    }
+    atomic_store_explicit(&s->receiving, 0, memory_order_release);
+    return rc;
+}
+
+uint64_t nq_sub_dropped(const nq_sub_t *s) {
+    if (s == NULL)
+        return 0;
+    return atomic_load_explicit(&((nq_sub_t *)s)->dropped, memory_order_relaxed);
+}
+
+void nq__sub_quiesce(nq_sub_t *s) {
+    nq__lock(&s->lock); /* orders us after any producer's increment */
+    nq__unlock(&s->lock);
+    for (int i = 0; atomic_load_explicit(&s->inflight, memory_order_acquire) != 0; i++) {
+        if (i < 64)
+            nq__cpu_relax();
+        else
+            sched_yield();
+    }
+}
+
+/* Detaches s from its handle (if still attached) and waits for wakers in
+ * flight; afterwards no producer or waker touches s. */
+void nq__sub_detach(nq_sub_t *s) {
+    nq_queue_t *q = s->q;
+    nq__hslot_t *slot = nq__slot_at(q, s->index);
+    pthread_mutex_lock(&q->lock);
+    nq__lock(&slot->lock);
+    if (s->attached) {
+        nq__sub_account_locked(s);
+        for (unsigned i = 0; i < slot->nsubs; i++) {
+            if (slot->subs[i] == s) {
+                slot->subs[i] = slot->subs[--slot->nsubs];
+                break;
+            }
+        }
+        nq__lock(&s->lock);
+        s->attached = 0;
+        s->closed = 1;
+        nq__unlock(&s->lock);
+    }
+    nq__unlock(&slot->lock);
+    pthread_mutex_unlock(&q->lock);
+    nq__sub_quiesce(s);
+}
+
+void nq__sub_destroy(nq_sub_t *s) {
+    nq_queue_t *q = s->q;
+    atomic_fetch_sub_explicit(&q->live_subs, 1, memory_order_relaxed);
+    nq__hint_free(q, s->hint);
+    nq__free(s->ring);
+    nq__mem_release(q, nq__sub_bytes(s->capacity));
+    nq__free(s);
+    nq__queue_unref(q);
+}
+
+void nq_sub_close(nq_sub_t *s) {
+    if (s == NULL)
+        return;
+    if (s->cb != NULL) { /* a port subscription, even if its port is gone */
+        nq__port_sub_close(s);
+        return;
+    }
+    nq__sub_detach(s);
+    nq__sub_destroy(s);
+}
