@@ -763,7 +763,7 @@ Test(handles, dump_lists_live_handles_by_hint_with_waiters_and_subscribers) {
 
 /* --- unregister vs notify from 4 threads -------------------------------- */
 
-#define RACE_SLOTS 8
+#define RACE_SLOTS     8
 #define RACE_NOTIFIERS 4
 
 static struct {
@@ -886,8 +886,7 @@ static void unregister_vs_notify(unsigned gen_bits) {
 
     long ok = atomic_load(&R.ok), reached = atomic_load(&R.reached);
     cr_assert_eq(atomic_load(&R.other), 0, "notify returned something other than >= 0 or EBADH");
-    cr_assert_eq(misrouted, 0, "%ld args reached a registration they were not sent to",
-                 misrouted);
+    cr_assert_eq(misrouted, 0, "%ld args reached a registration they were not sent to", misrouted);
     cr_assert_gt(ok, 100, "the notifiers hardly ran");
     cr_assert_gt(atomic_load(&R.badh), 0, "no stale handle was ever tried");
     /* Exact accounting: each successful notify hit exactly one subscription,

@@ -66,8 +66,7 @@ static nq_stats_t stats(nq_queue_t *q) {
     return st;
 }
 
-static int try_sub(nq_queue_t *q, nq_handle_t h, uint32_t cap, const char *hint,
-                   nq_sub_t **out) {
+static int try_sub(nq_queue_t *q, nq_handle_t h, uint32_t cap, const char *hint, nq_sub_t **out) {
     nq_sub_opts_t o;
     memset(&o, 0, sizeof(o));
     o.capacity = cap;
@@ -126,7 +125,8 @@ Test(limits, config_init_defaults_meet_the_contract) {
     for (int i = 0; i < 63; i++)
         subs[i] = sub(q, h, 1);
     nq_sub_t *extra = NULL;
-    cr_assert_eq(try_sub(q, h, 1, NULL, &extra), cfg.max_subscribers_per_handle > 64 ? 0 : NQ_ELIMIT);
+    cr_assert_eq(try_sub(q, h, 1, NULL, &extra),
+                 cfg.max_subscribers_per_handle > 64 ? 0 : NQ_ELIMIT);
     nq_sub_close(extra);
     nq_wait_t *w[256];
     for (int i = 0; i < 256; i++)
@@ -536,8 +536,7 @@ static int every_failure_point(nq_queue_t *q, nq_handle_t h, op_fn op, void **ob
             cr_assert_eq(failed, 0, "%s: allocation %d failed yet the call succeeded", what, k);
             return k - 1;
         }
-        cr_assert_eq(rc, NQ_ENOMEM, "%s with allocation %d failing: %s", what, k,
-                     nq_err_name(rc));
+        cr_assert_eq(rc, NQ_ENOMEM, "%s with allocation %d failing: %s", what, k, nq_err_name(rc));
         cr_assert_eq(failed, 1, "%s: ENOMEM without an allocation failing", what);
         cr_assert_null(*obj, "%s: *out set on failure", what);
         nq_stats_t after = stats(q);

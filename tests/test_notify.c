@@ -195,7 +195,8 @@ Test(notify, wait_completes_with_the_first_notification_numbered_after_after) {
     /* after below the count: due at once, with the latest arg. */
     counter_t c;
     nq_wait_t *past = wait_start(q, h, 1, counting_waker(&c));
-    cr_assert_eq(atomic_load(&c.calls), 1, "a due wait runs its waker before nq_wait_start returns");
+    cr_assert_eq(atomic_load(&c.calls), 1,
+                 "a due wait runs its waker before nq_wait_start returns");
     cr_assert_eq(atomic_load(&c.tid), cur_tid());
     cr_assert_eq(nq_wait_result(past, &arg), 0);
     cr_assert_eq(arg, 105);
@@ -688,8 +689,8 @@ Test(notify, four_producers_exact_accounting_and_per_producer_order, .timeout = 
                      res[i].order_errors);
         /* delivered + held (0 now) + dropped == sent, for both policies */
         cr_assert_eq(res[i].received + dropped, sent,
-                     "sub %d: received %ld + dropped %ld != sent %ld", i, res[i].received,
-                     dropped, sent);
+                     "sub %d: received %ld + dropped %ld != sent %ld", i, res[i].received, dropped,
+                     sent);
         /* DROP_NEWEST stores what it delivers; DROP_OLDEST stores everything */
         stored += ovs[i] == NQ_DROP_NEWEST ? res[i].received : sent;
         total_dropped += dropped;

@@ -41,8 +41,8 @@
 #define SCALE(n) (n)
 #endif
 
-#define MS (int64_t)1000000
-#define SEC (int64_t)1000000000
+#define MS    (int64_t)1000000
+#define SEC   (int64_t)1000000000
 #define SLACK (2 * SEC) /* generous upper bound on any timeout's lateness */
 
 /* --- helpers ------------------------------------------------------------ */
@@ -658,8 +658,8 @@ static struct {
     atomic_long go;    /* iteration i may start once go == i + 1 */
     atomic_long armed; /* the notifier saw go: both sides start racing */
     atomic_long done;  /* iteration i notified once done == i + 1 */
-    atomic_int bias;  /* > 0: extra spins before the cancel; < 0: before the notify */
-    atomic_int rc;    /* notify's return of the latest iteration */
+    atomic_int bias;   /* > 0: extra spins before the cancel; < 0: before the notify */
+    atomic_int rc;     /* notify's return of the latest iteration */
     atomic_int tid;
     atomic_int stop;
 } CR;
@@ -750,9 +750,8 @@ Test(wait, cancel_vs_notify_exactly_one_wins, .timeout = 60) {
     }
     atomic_store(&CR.stop, 1);
     cr_expect_eq(pthread_join(t, NULL), 0);
-    cr_expect_eq(bad_outcome, 0,
-                 "%ld of %ld iterations: both or neither won, or results disagree", bad_outcome,
-                 cancel_won + notify_won);
+    cr_expect_eq(bad_outcome, 0, "%ld of %ld iterations: both or neither won, or results disagree",
+                 bad_outcome, cancel_won + notify_won);
     cr_expect_eq(wrong_thread, 0, "%ld wakers ran off the notifying thread", wrong_thread);
     cr_expect_gt(cancel_won, 0, "cancel never won: the race was not exercised");
     cr_expect_gt(notify_won, 0, "notify never won: the race was not exercised");
