@@ -1,7 +1,9 @@
 /* libnq — notifications from any thread to event loops and worker threads.
  *
- * This is the umbrella public header. Everything a program needs from the
- * core library is declared here; the loop adapters have their own headers
+ * This is the umbrella public header: errors, version, the event queue
+ * (nq_evq), the notification queue (handles, notify, waits, subscriptions),
+ * ports (the loop side) and observability. Everything a program needs from
+ * the core library is declared here; the loop adapters have their own headers
  * (<nq/uv.h>, <nq/ev.h>, <nq/epoll.h>) and libraries, so the core never links
  * a loop.
  *
@@ -359,9 +361,11 @@ NQ_EXTERN int nq_port_on_deadline(nq_port_t *p, void (*cb)(nq_port_t *p, void *d
  * ------------------------------------------------------------------------ */
 typedef struct nq_stats {
     uint64_t notifies;        /* nq_notify calls on live handles */
-    uint64_t deliveries;      /* receivers reached: waits completed by notify + args stored */
+    uint64_t deliveries;      /* receivers reached: waits_completed + args stored */
     uint64_t drops;           /* args dropped by full subscriptions */
-    uint64_t waits_completed; /* by a notification */
+    uint64_t waits_completed; /* by a notification, including waits already due
+                                 when started (so deliveries may exceed the sum
+                                 of nq_notify's return values) */
     uint64_t waits_closed;    /* by nq_unregister / nq_queue_free */
     uint64_t waits_timed_out;
     uint64_t waits_cancelled;
