@@ -16,27 +16,10 @@
 
 #include "core/evq.h"
 #include "nq.h"
+#include "nqtest.h"
 
-#if defined(__SANITIZE_THREAD__)
-#define NQT_TSAN 1
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define NQT_TSAN 1
-#endif
-#endif
-#ifdef NQT_TSAN
-#define SCALE(n) ((n) / 10)
-#else
-#define SCALE(n) (n)
-#endif
 
 #define MS 1000000LL
-
-static int64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
 
 static nq_evq_t *mk(uint32_t n) {
     nq_evq_t *e = NULL;

@@ -21,29 +21,12 @@
 #include <unistd.h>
 
 #include "nq.h"
+#include "nqtest.h"
 #include "core/internal.h"
 #include "core/queue.h"
 
-#if defined(__SANITIZE_THREAD__)
-#define NQT_TSAN 1
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define NQT_TSAN 1
-#endif
-#endif
-#ifdef NQT_TSAN
-#define SCALE(n) ((n) / 10 > 0 ? (n) / 10 : 1)
-#else
-#define SCALE(n) (n)
-#endif
 
 /* --- helpers ------------------------------------------------------------ */
-
-static int64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
 
 static nq_queue_t *new_queue(const nq_config_t *cfg) {
     nq_queue_t *q = NULL;

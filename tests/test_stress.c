@@ -16,19 +16,8 @@
 #include <string.h>
 
 #include "nq.h"
+#include "nqtest.h"
 
-#if defined(__SANITIZE_THREAD__)
-#define NQT_TSAN 1
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define NQT_TSAN 1
-#endif
-#endif
-#ifdef NQT_TSAN
-#define SCALE(n) ((n) / 10)
-#else
-#define SCALE(n) (n)
-#endif
 
 #define PRODUCERS 4
 #define HANDLES 64
