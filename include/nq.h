@@ -87,8 +87,11 @@ NQ_EXTERN unsigned nq_features(void);
  * Tokens are the caller's own small integers, 0 .. max_tokens-1. Notifying a
  * token makes it pending; a pending token is delivered once by the next poll,
  * however many times it was notified meanwhile (conflation). Tokens come out
- * in the order they first became pending. A token notified again after it
- * was delivered is pending again and will be delivered again.
+ * in the order their notifies claimed a place in the ring (a notify that
+ * conflates into a token whose first notifier has not yet claimed its place
+ * returns at once; the token is delivered when that notifier has). A token
+ * notified again after it was delivered is pending again and will be
+ * delivered again.
  *
  * Threads: any number of threads may call nq_evq_notify at once. Only one
  * thread at a time may consume (nq_evq_poll / nq_evq_wait); consumers on
@@ -117,18 +120,22 @@ NQ_EXTERN int nq_evq_new(uint32_t max_tokens, nq_evq_t **out);
 
 /* Makes token pending (0 if it was queued or conflated into a pending one).
  * Any thread, concurrently with other notifiers and with the consumer.
- * Lock-free: a notify that finds the token already pending is one atomic
- * exchange (wait-free); one that queues it claims a ring slot with a
- * compare-and-swap that only another notifier's success can make it retry.
+ * Wait-free where the atomics are single instructions (x86-64, ARMv8.1): a
+ * notify that finds the token pending is one atomic exchange; one that queues
+ * it adds a fetch-and-add, a load and a store. Delivery is not: a notifier
+ * descheduled between claiming its place and storing its token holds back
+ * that token (and the ones behind it) until it runs again. A notify may still
+ * be returning when its token is delivered: free the queue only once every
+ * notifier has returned.
  * Never allocates; makes a syscall (one futex wake) only when the consumer
  * has announced that it is going to sleep in nq_evq_wait, and then only the
  * one notifier that takes the announcement. (The consumer announces, then
  * re-checks the queue: a notify that lands in that window makes a wake the
  * consumer did not need, so wakes can slightly exceed parks.)
  * NQ_EINVAL: e is NULL or token >= max_tokens.
- * NQ_ELIMIT: the ring had no free slot — impossible while the queue's
- * invariants hold; reported rather than ignored, and the notification is not
- * queued (the token is left not pending). */
+ * NQ_ELIMIT: the ring's slot was not free — impossible while the queue's
+ * invariants hold (the ring has a slot per token); reported rather than
+ * ignored, and the token is still delivered. */
 NQ_EXTERN int nq_evq_notify(nq_evq_t *e, uint32_t token);
 
 /* Delivers up to max pending tokens into out[], oldest first, and returns how
@@ -139,10 +146,12 @@ NQ_EXTERN size_t nq_evq_poll(nq_evq_t *e, uint32_t *out, size_t max);
 
 /* Like nq_evq_poll, but blocks until at least one token is pending or
  * timeout_ns (CLOCK_MONOTONIC; < 0: no timeout, 0: do not block) has passed.
- * Waiting spins briefly, then yields the CPU a few times, then parks on a
- * futex until a notifier wakes it. Returns the count delivered (>= 1);
- * NQ_ETIMEDOUT, never before timeout_ns has elapsed; NQ_EINVAL for NULL
- * arguments or max == 0. Signals (EINTR) never surface. Consumer thread. */
+ * Waiting spins briefly (256 pause instructions), then yields the CPU a few
+ * times, then parks on a futex until a notifier wakes it. Returns the count
+ * delivered (>= 1); NQ_ETIMEDOUT, never before timeout_ns has elapsed (a
+ * tiny timeout may end a few microseconds late); NQ_EINVAL for NULL
+ * arguments or max == 0; NQ_ESYS if the futex call is refused (a seccomp
+ * filter, say). Signals (EINTR) never surface. Consumer thread. */
 NQ_EXTERN int nq_evq_wait(nq_evq_t *e, uint32_t *out, size_t max,
                           int64_t timeout_ns);
 

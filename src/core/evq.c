@@ -15,8 +15,10 @@
  *   head        next position to read (the consumer alone writes it).
  *
  * Notify(t):  xchg(pending[t], 1); if it was 1, done (conflated). Else claim
- *             pos = tail by CAS, store (pos+1, t) into slots[pos & mask], and
- *             wake the consumer if it is parked.
+ *             pos = tail (fetch_add; by CAS in a ring smaller than the token
+ *             space, which only a test hook builds), take the wake duty if
+ *             the consumer announced a sleep, store (pos+1, t) into
+ *             slots[pos & mask], then make the futex wake if it was ours.
  * Poll:       while slots[head] holds seq head+1: take its token, mark the
  *             slot free for head+size, then xchg(pending[token], 0); head++.
  *
@@ -29,8 +31,10 @@
  *   I3  A slot is freed (its seq set to pos + size) before the consumer clears
  *       the token's flag, so no notifier can see a flag cleared while the slot
  *       that held it is still occupied.
- *   I4  Tokens leave in the order their positions were claimed: FIFO by the
- *       time they became pending. A conflated notify does not move a token.
+ *   I4  Tokens leave in the order their positions were claimed. A conflated
+ *       notify does not move a token, and may return before the token it
+ *       conflated into is in the ring (its first notifier is between its
+ *       flag exchange and its claim): a later token can then come out first.
  *
  * Memory ordering (what releases what, and what acquires it)
  *   O1  The consumer's clearing xchg on pending[t] is acq_rel. Its release
@@ -45,24 +49,38 @@
  *       poll that delivers its token an acquire (the contract in nq.h).
  *   O3  The slot store (release) pairs with the consumer's slot load
  *       (acquire): a token is read only after the notifier stored it.
- *   O4  tail is changed only by CAS (seq_cst on success, acquire otherwise)
- *       and read with acquire, so a notifier that reads tail == pos has
- *       synchronised with every notifier that claimed a position below pos.
- *   Why the overflow check never fires while I1 holds: a notifier Q that
- *   claims pos has, by O4, seen the flag sets of the tokens claimed at
- *   pos-size .. pos-1, and made its own: size + 1 sets of 0 -> 1 over at most
- *   max_tokens <= size tokens. Two are of one token x, at positions a < b,
- *   with the consumer's clearing xchg of x for a between them; set(b) read
- *   that 0 (O1), so the consumer's free of slot a (>= pos-size, freed in
- *   order, after pos-size) happens-before Q's load of slots[pos & mask]: Q
- *   sees seq == pos. A smaller ring (a test hook) does overflow, and the
- *   notifier then reports NQ_ELIMIT and clears its flag; a notify that
- *   conflated into it during that instant is lost with it.
+ *   O4  tail is changed only by read-modify-writes (fetch_add, or CAS in a
+ *       small ring; seq_cst) and read with acquire, so a notifier that claims
+ *       or reads pos has synchronised with every notifier that claimed a
+ *       position below pos (their RMWs form one release sequence).
+ *   Why a claimed position is always free while I1 holds (so fetch_add may
+ *   claim it blind): a notifier Q that claims pos has, by O4, seen the flag
+ *   sets of the tokens claimed at pos-size .. pos-1, and made its own: size
+ *   + 1 sets of 0 -> 1 over at most max_tokens <= size tokens. Two are of
+ *   one token x, at positions a < b. The k-th 0 -> 1 set of x is claimed
+ *   and delivered k-th, and each set after the first reads a clear by the
+ *   consumer that follows its delivery of the previous entry; so set(b)
+ *   reads (O1) a clear that comes, in the consumer's program order, after
+ *   its free of slot a >= pos-size, which comes after its free of pos-size:
+ *   that free happens-before Q's load of slots[pos & mask], and Q sees seq
+ *   == pos. The check stays, as a report (NQ_ELIMIT) that cannot fire. A
+ *   smaller ring (a test hook) does fill up; its notifier then reports
+ *   NQ_ELIMIT without claiming and clears its flag; a notify that conflated
+ *   into it during that instant is lost with it.
  *
- * Wake-up protocol (park.h draws it): the CAS on tail is the seq_cst publish
- * W; nq_evq_wait parks only after re-reading tail (seq_cst) and finding it
- * equal to head. A claimed-but-unwritten slot (tail != head, slot not ready)
- * never puts the consumer to sleep: the notifier is between two stores.
+ * Wake-up protocol (park.h draws it): the claim on tail is the seq_cst
+ * publish W; nq_evq_wait parks only after re-reading tail (seq_cst) and
+ * finding it equal to head. The notifier takes the wake duty (R) before its
+ * slot store, because once the token is visible the consumer may free the
+ * queue; after the store it touches only the futex address. A claimed but
+ * unwritten slot (tail != head, slot not ready) never puts the consumer to
+ * an untimed sleep: it yields, then naps with a growing timeout.
+ *
+ * Progress: a conflated notify is one exchange; a new one is an exchange, a
+ * fetch_add, a load and a store: wait-free where those are single
+ * instructions (x86-64, ARMv8.1). Delivery is blocking: a notifier stopped
+ * between its claim and its store holds back its token, the notifies that
+ * conflated into it, and every token behind it, until it runs again.
  *
  * Cache lines: tail (written by every notifier), head and the consumer's
  * counters (written by the consumer on every poll), and the park word
@@ -78,11 +96,18 @@
 #include "core/internal.h"
 #include "core/park.h"
 
+/* The ring's 64-bit slots and counters must be real atomics, not locks. */
+_Static_assert(ATOMIC_LLONG_LOCK_FREE == 2, "nq_evq needs lock-free 64-bit atomics");
+
 /* nq_evq_wait: busy-polls before it yields, and yields before it parks. A
  * wake across vCPUs costs tens of microseconds; a few microseconds of
  * spinning catches a notifier that is already on its way. */
 #define NQ__EVQ_SPINS 256
 #define NQ__EVQ_YIELDS 4
+/* A notifier stalled between its claim and its slot store: nap this long,
+ * doubling, while waiting for it. */
+#define NQ__EVQ_NAP_MIN 50000LL     /* 50 us */
+#define NQ__EVQ_NAP_MAX 10000000LL  /* 10 ms */
 
 struct nq_evq {
     /* Read-only after nq_evq_new. */
@@ -161,6 +186,36 @@ void nq_evq_free(nq_evq_t *e) {
     nq__free(e);
 }
 
+/* Claims a position for a ring smaller than max_tokens (the test hook), by
+ * CAS, so that a full ring can be reported without claiming. */
+static int nq__evq_claim_small(nq_evq_t *e, uint64_t *posp) {
+    /* O4: acquire pairs with the successful CAS of earlier claimers. */
+    uint64_t pos = atomic_load_explicit(&e->tail, memory_order_acquire);
+    for (;;) {
+        /* Acquire pairs with the consumer's release when it freed the slot. */
+        uint64_t w = atomic_load_explicit(&e->slots[pos & e->mask], memory_order_acquire);
+        uint32_t d = NQ__SLOT_SEQ(w) - (uint32_t)pos;
+        if (d == 0) {
+            /* seq_cst on success: W of the wake-up protocol (park.h). */
+            if (atomic_compare_exchange_strong_explicit(&e->tail, &pos, pos + 1,
+                                                        memory_order_seq_cst,
+                                                        memory_order_acquire)) {
+                *posp = pos;
+                return 0;
+            }
+            continue; /* pos now holds the current tail */
+        }
+        uint64_t now = atomic_load_explicit(&e->tail, memory_order_acquire);
+        if (now != pos) { /* others moved on (the slot may even have lapped us) */
+            pos = now;
+            continue;
+        }
+        if (d & 0x80000000u) /* seq behind pos: the slot still holds pos - size */
+            return NQ_ELIMIT;
+        /* seq ahead of pos with tail == pos cannot be; re-read. */
+    }
+}
+
 int nq_evq_notify(nq_evq_t *e, uint32_t token) {
     if (NQ__UNLIKELY(e == NULL || token >= e->max_tokens))
         return NQ_EINVAL;
@@ -171,40 +226,45 @@ int nq_evq_notify(nq_evq_t *e, uint32_t token) {
     if (atomic_exchange_explicit(&e->pending[token], 1, memory_order_acq_rel))
         return 0; /* conflated into the pending one */
 
-    /* O4: acquire pairs with the successful CAS of earlier claimers. */
-    uint64_t pos = atomic_load_explicit(&e->tail, memory_order_acquire);
-    _Atomic uint64_t *slot;
-    for (;;) {
-        slot = &e->slots[pos & e->mask];
-        /* Acquire pairs with the consumer's release when it freed the slot. */
-        uint64_t w = atomic_load_explicit(slot, memory_order_acquire);
-        int32_t d = (int32_t)(NQ__SLOT_SEQ(w) - (uint32_t)pos);
-        if (d == 0) {
-            /* seq_cst on success: this is W of the wake-up protocol (park.h),
-             * ordered before our read of the park word. */
-            if (atomic_compare_exchange_weak_explicit(&e->tail, &pos, pos + 1,
-                                                      memory_order_seq_cst,
-                                                      memory_order_acquire))
-                break;
-            /* pos now holds the current tail: retry there. */
-        } else if (d < 0) {
-            /* The slot still holds the token of position pos - size: the ring
-             * is full, which I2 rules out unless the ring is smaller than
-             * max_tokens. Undo our claim on the flag (an RMW, to keep O2's
-             * release sequences unbroken) and report it. */
-            atomic_exchange_explicit(&e->pending[token], 0, memory_order_acq_rel);
-            return NQ_ELIMIT;
-        } else {
-            /* Another notifier claimed pos and filled it already. */
-            pos = atomic_load_explicit(&e->tail, memory_order_acquire);
+    uint64_t pos;
+    int rc = 0;
+    if (NQ__LIKELY(e->size >= e->max_tokens)) {
+        /* I2: the position we claim is free (the argument at the top), so a
+         * fetch_add claims it outright: wait-free. seq_cst: W of the wake-up
+         * protocol; acq_rel is part of it (O4's chain). */
+        pos = atomic_fetch_add_explicit(&e->tail, 1, memory_order_seq_cst);
+        uint64_t w = atomic_load_explicit(&e->slots[pos & e->mask], memory_order_acquire);
+        if (NQ__UNLIKELY(NQ__SLOT_SEQ(w) != (uint32_t)pos)) {
+            /* I2 broken: cannot happen. Report it, and still deliver: wait
+             * for the consumer to free the slot rather than lose the token. */
+            rc = NQ_ELIMIT;
+            for (int i = 0; NQ__SLOT_SEQ(atomic_load_explicit(&e->slots[pos & e->mask],
+                                                              memory_order_acquire)) !=
+                            (uint32_t)pos;
+                 i++)
+                i < 64 ? nq__cpu_relax() : (void)sched_yield();
         }
+    } else if (nq__evq_claim_small(e, &pos) < 0) {
+        /* A ring smaller than the token space is full. Undo our claim on the
+         * flag (an RMW, to keep O2's release sequences unbroken): a notify
+         * that conflated into it meanwhile is lost with it. */
+        atomic_exchange_explicit(&e->pending[token], 0, memory_order_acq_rel);
+        return NQ_ELIMIT;
     }
-    /* O3: release pairs with the consumer's acquire load of the slot. */
-    atomic_store_explicit(slot, NQ__SLOT(pos + 1, token), memory_order_release);
 
-    if (NQ__UNLIKELY(nq__park_wake(&e->park)))
+    /* Take the wake duty before the token becomes visible: once it is, the
+     * consumer may poll it and free the queue, and we must not touch e. */
+    int wake = nq__park_claim(&e->park);
+    if (NQ__UNLIKELY(wake))
         atomic_fetch_add_explicit(&e->wakes, 1, memory_order_relaxed);
-    return 0;
+    nq__park_t *park = &e->park;
+
+    /* O3: release pairs with the consumer's acquire load of the slot. */
+    atomic_store_explicit(&e->slots[pos & e->mask], NQ__SLOT(pos + 1, token),
+                          memory_order_release);
+    if (NQ__UNLIKELY(wake))
+        nq__park_wake_slow(park); /* the address only, never the memory */
+    return rc;
 }
 
 size_t nq_evq_poll(nq_evq_t *e, uint32_t *out, size_t max) {
@@ -268,6 +328,8 @@ int nq_evq_wait(nq_evq_t *e, uint32_t *out, size_t max, int64_t timeout_ns) {
         sched_yield();
 
     /* Phase 2: park until a notifier wakes us or the deadline passes. */
+    int stalls = 0;
+    int64_t nap = 0;
     for (;;) {
         n = nq_evq_poll(e, out, max);
         if (n > 0)
@@ -280,12 +342,30 @@ int nq_evq_wait(nq_evq_t *e, uint32_t *out, size_t max, int64_t timeout_ns) {
         uint64_t tail = atomic_load_explicit(&e->tail, memory_order_seq_cst);
         if (tail != atomic_load_explicit(&e->head, memory_order_relaxed)) {
             /* Something was claimed since: either ready now, or a notifier is
-             * between its CAS and its slot store. Do not sleep on it. */
-            nq__park_cancel(&e->park);
-            if (!nq__evq_ready(e))
+             * between its claim and its slot store. It may have passed its
+             * wake check already, so do not sleep untimed on it: yield a few
+             * times, then nap with a growing timeout (it may have been
+             * descheduled for long; a SCHED_FIFO consumer would otherwise
+             * starve it). Notifiers that claim meanwhile still wake us. */
+            if (nq__evq_ready(e)) {
+                nq__park_cancel(&e->park);
+                continue;
+            }
+            if (stalls++ < NQ__EVQ_YIELDS) {
+                nq__park_cancel(&e->park);
                 sched_yield();
+                continue;
+            }
+            nap = nap == 0 ? NQ__EVQ_NAP_MIN : (nap * 2 > NQ__EVQ_NAP_MAX ? NQ__EVQ_NAP_MAX : nap * 2);
+            int64_t until = nq__now_ns() + nap;
+            int rc = nq__park_commit(&e->park, until < deadline ? until : deadline);
+            nq__park_cancel(&e->park);
+            if (rc == NQ_ESYS)
+                return rc;
             continue;
         }
+        stalls = 0;
+        nap = 0;
         atomic_store_explicit(&e->parks,
                               atomic_load_explicit(&e->parks, memory_order_relaxed) + 1,
                               memory_order_relaxed);
@@ -308,8 +388,10 @@ int nq_evq_stats(const nq_evq_t *e, nq_evq_stats_t *out) {
     if (e == NULL || out == NULL)
         return NQ_EINVAL;
     nq_evq_t *m = (nq_evq_t *)e; /* atomics are read, never written */
-    uint64_t head = atomic_load_explicit(&m->head, memory_order_relaxed);
+    /* tail first: head, read after, may have passed it, never the reverse
+     * by more than the progress in between; clamp below. */
     uint64_t tail = atomic_load_explicit(&m->tail, memory_order_relaxed);
+    uint64_t head = atomic_load_explicit(&m->head, memory_order_relaxed);
     memset(out, 0, sizeof(*out));
     out->max_tokens = e->max_tokens;
     out->ring_size = e->size;

@@ -57,20 +57,29 @@ static inline void nq__park_cancel(nq__park_t *p) {
  * on NQ_ESYS. */
 int nq__park_commit(nq__park_t *p, int64_t deadline_ns);
 
-/* The syscall half of nq__park_wake, out of line. */
+/* The syscall half of nq__park_wake, out of line. It touches only the futex
+ * word's address (FUTEX_WAKE on a private futex does not read the memory), so
+ * it is safe even if the object holding the word was freed meanwhile. */
 int nq__park_wake_slow(nq__park_t *p);
 
-/* Waker: after publishing work with a seq_cst operation. Returns 1 if it
- * made the futex_wake syscall, 0 if the waiter was not asleep. */
-static inline int nq__park_wake(nq__park_t *p) {
+/* Waker, part 1, after publishing work with a seq_cst operation: 1 if the
+ * waiter announced a sleep and this waker took the duty to wake it (call
+ * nq__park_wake_slow), 0 if the waiter is awake or another waker took it. A
+ * waker that must not touch the object once its work is visible (the evq:
+ * the consumer may free the queue as soon as it sees the token) claims
+ * between its seq_cst publish and the store that makes the work visible. */
+static inline int nq__park_claim(nq__park_t *p) {
     /* R: seq_cst pairs with the waiter's P (see the top of this file). The
      * load first keeps the common case (waiter awake) to a read of a line
      * that stays shared in every producer's cache. */
     if (atomic_load_explicit(&p->word, memory_order_seq_cst) == 0)
         return 0;
-    if (atomic_exchange_explicit(&p->word, 0, memory_order_seq_cst) == 0)
-        return 0; /* another waker took it */
-    return nq__park_wake_slow(p);
+    return atomic_exchange_explicit(&p->word, 0, memory_order_seq_cst) != 0;
+}
+
+/* Waker: claim and wake in one. Returns 1 if it made the futex_wake syscall. */
+static inline int nq__park_wake(nq__park_t *p) {
+    return nq__park_claim(p) ? nq__park_wake_slow(p) : 0;
 }
 
 #endif
