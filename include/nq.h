@@ -349,7 +349,8 @@ NQ_EXTERN int nq_port_wait(nq_port_t *p, nq_queue_t *q, nq_handle_t h, uint64_t 
 
 /* Called in nq_port_dispatch while the subscription is non-empty
  * (level-triggered: drain part, and it is called again in a later dispatch),
- * and once after its handle was unregistered and it is drained. With out,
+ * and, once its handle was unregistered, until a receive has returned
+ * NQ_ECLOSED (like EOF on a level-triggered socket). With out,
  * close it with nq_sub_close (also allowed inside the callback); without,
  * the port closes it when the port is freed. */
 typedef void (*nq_sub_cb)(nq_sub_t *s, void *data);

@@ -365,10 +365,18 @@ void nq__port_sub_close(nq_sub_t *s) {
     nq__sub_destroy(s);
 }
 
+/* Has the owner received NQ_ECLOSED from s yet? */
+static int nq__sub_told_closed(nq_sub_t *s) {
+    nq__lock(&s->lock);
+    int told = s->told_closed;
+    nq__unlock(&s->lock);
+    return told;
+}
+
 static int nq__port_run_sub(nq_port_t *p, nq_sub_t *s) {
     uint32_t ready = atomic_load_explicit(&s->ready, memory_order_acquire);
-    if (ready == 0 || (!(ready & 1u) && s->closed_reported))
-        return 0; /* spurious, or closed and already told */
+    if (ready == 0 || (!(ready & 1u) && nq__sub_told_closed(s)))
+        return 0; /* spurious, or closed, drained and already told */
     s->in_cb = 1;
     atomic_fetch_add_explicit(&p->callbacks, 1, memory_order_relaxed);
     s->cb(s, s->data);
@@ -377,11 +385,12 @@ static int nq__port_run_sub(nq_port_t *p, nq_sub_t *s) {
         nq__port_sub_close(s);
         return 1;
     }
+    /* Level-triggered: again in a later dispatch while it holds args, or is
+     * closed and its owner has not yet received NQ_ECLOSED (like EOF on a
+     * level-triggered socket). */
     ready = atomic_load_explicit(&s->ready, memory_order_acquire);
-    if (ready & 1u)
-        nq_evq_notify(p->ready, s->token); /* level-triggered: again next dispatch */
-    else if (ready & 2u)
-        s->closed_reported = 1;
+    if ((ready & 1u) || ((ready & 2u) && !nq__sub_told_closed(s)))
+        nq_evq_notify(p->ready, s->token);
     return 1;
 }
 
@@ -428,7 +437,12 @@ int nq_port_dispatch(nq_port_t *p, unsigned budget) {
     p->in_dispatch = 1;
     atomic_fetch_add_explicit(&p->dispatches, 1, memory_order_relaxed);
 
-    if (atomic_load_explicit(&p->signalled, memory_order_relaxed)) {
+    /* Read (clear) the eventfd every time, even if signalled reads 0: a
+     * waker sets signalled before it writes, so a write can land after a
+     * dispatch that already ran its callback; skipping the read then would
+     * leave the fd readable with nothing pending, and a level-triggered loop
+     * would spin. Non-blocking: an empty read costs EAGAIN, nothing else. */
+    {
         uint64_t v;
         int saved = errno;
         if (read(p->efd, &v, sizeof(v)) == (ssize_t)sizeof(v))

@@ -122,7 +122,8 @@ struct nq_sub {
     uint32_t token;
     nq_sub_cb cb;
     void *data;
-    uint8_t port_owned, in_cb, close_deferred, closed_reported;
+    uint8_t port_owned, in_cb, close_deferred;
+    uint8_t told_closed;         /* under lock: a receive returned NQ_ECLOSED */
 };
 
 /* queue.c */

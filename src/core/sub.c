@@ -232,6 +232,8 @@ int nq_sub_try_recv(nq_sub_t *s, int64_t *arg) {
     nq__lock(&s->lock);
     int n = nq__sub_pop_locked(s, arg != NULL ? arg : &tmp, 1);
     int closed = s->closed;
+    if (n == 0 && closed)
+        s->told_closed = 1;
     nq__unlock(&s->lock);
     if (n == 1)
         return 0;
@@ -246,6 +248,8 @@ int nq_sub_recv_batch(nq_sub_t *s, int64_t *args, size_t n) {
     nq__lock(&s->lock);
     int k = nq__sub_pop_locked(s, args, n);
     int closed = s->closed;
+    if (k == 0 && closed)
+        s->told_closed = 1;
     nq__unlock(&s->lock);
     if (k == 0 && closed)
         return NQ_ECLOSED;
