@@ -2,26 +2,38 @@
  * functions generated from it, and bad input to every public function: NULL,
  * zero, absurd sizes, garbage and stale handles, double close. */
 #include <criterion/criterion.h>
+#include <ctype.h>
 #include <errno.h>
 #include <limits.h>
 #include <string.h>
 
 #include "nq.h"
 
+/* The table, three ways: the codes, the names and the messages, in order. */
 static const int codes[] = {
 #define XX(name, value, msg) NQ_##name,
+    NQ_ERRNO_MAP(XX)
+#undef XX
+};
+static const char *const names[] = {
+#define XX(name, value, msg) "NQ_" #name,
+    NQ_ERRNO_MAP(XX)
+#undef XX
+};
+static const char *const msgs[] = {
+#define XX(name, value, msg) msg,
     NQ_ERRNO_MAP(XX)
 #undef XX
 };
 #define NCODES (sizeof(codes) / sizeof(codes[0]))
 
 Test(errors, every_code_is_negative_and_distinct) {
-    cr_assert_geq(NCODES, 11);
+    cr_assert_eq(NCODES, 11, "the fixed API has 11 codes");
+    cr_assert_eq(NQ_OK, 0);
     for (size_t i = 0; i < NCODES; i++) {
-        cr_assert_lt(codes[i], 0, "%s is not negative", nq_err_name(codes[i]));
+        cr_assert_lt(codes[i], 0, "%s is not negative", names[i]);
         for (size_t j = i + 1; j < NCODES; j++)
-            cr_assert_neq(codes[i], codes[j], "%s and %s share a value", nq_err_name(codes[i]),
-                          nq_err_name(codes[j]));
+            cr_assert_neq(codes[i], codes[j], "%s and %s share a value", names[i], names[j]);
     }
 }
 
@@ -36,36 +48,63 @@ Test(errors, errno_codes_are_negated_errno) {
 }
 
 Test(errors, own_codes_do_not_collide_with_errno) {
+    /* nq.h: the codes with no errno equivalent live in -4001..-4004. */
+    cr_assert_eq(NQ_EBADH, -4001);
+    cr_assert_eq(NQ_ELIMIT, -4002);
+    cr_assert_eq(NQ_ECLOSED, -4003);
+    cr_assert_eq(NQ_ESYS, -4004);
     const int own[] = {NQ_EBADH, NQ_ELIMIT, NQ_ECLOSED, NQ_ESYS};
     for (size_t i = 0; i < sizeof(own) / sizeof(own[0]); i++) {
-        cr_assert_lt(own[i], -4000);
         /* strerror of the matching errno would be "Unknown error N". */
         cr_assert(strstr(strerror(-own[i]), "Unknown") != NULL, "%d is an errno", -own[i]);
     }
 }
 
-Test(errors, names_and_messages_are_distinct_and_named) {
+Test(errors, names_and_messages_come_from_the_table) {
     for (size_t i = 0; i < NCODES; i++) {
         const char *name = nq_err_name(codes[i]), *msg = nq_strerror(codes[i]);
-        cr_assert_not_null(name);
-        cr_assert_not_null(msg);
+        cr_assert_not_null(name, "code %d", codes[i]);
+        cr_assert_not_null(msg, "code %d", codes[i]);
+        cr_assert_str_eq(name, names[i], "code %d is named %s", codes[i], name);
+        cr_assert_str_eq(msg, msgs[i], "code %d: message \"%s\"", codes[i], msg);
+        /* "NQ_E" then capitals only: NQ_EINVAL, NQ_ETIMEDOUT, ... */
         cr_assert_eq(strncmp(name, "NQ_E", 4), 0, "%s", name);
-        cr_assert_str_neq(msg, "unknown error");
-        for (size_t j = i + 1; j < NCODES; j++) {
-            cr_assert_str_neq(name, nq_err_name(codes[j]));
-            cr_assert_str_neq(msg, nq_strerror(codes[j]));
-        }
+        cr_assert_gt(strlen(name), 4, "%s", name);
+        for (const char *c = name + 3; *c != '\0'; c++)
+            cr_assert(isupper((unsigned char)*c), "%s: '%c' in the name", name, *c);
+        cr_assert_gt(strlen(msg), 0, "%s has an empty message", name);
+        cr_assert_str_neq(msg, "unknown error", "%s", name);
+        cr_assert_str_neq(name, "NQ_UNKNOWN");
+        /* Static strings: the same pointer every time. */
+        cr_assert_eq(nq_err_name(codes[i]), name);
+        cr_assert_eq(nq_strerror(codes[i]), msg);
     }
     cr_assert_str_eq(nq_err_name(NQ_EINVAL), "NQ_EINVAL");
     cr_assert_str_eq(nq_err_name(NQ_EBADH), "NQ_EBADH");
+    cr_assert_str_eq(nq_err_name(NQ_ESYS), "NQ_ESYS");
+    cr_assert_str_eq(nq_strerror(NQ_EINVAL), "invalid argument");
     cr_assert_str_eq(nq_strerror(NQ_ETIMEDOUT), "timed out");
 }
 
+Test(errors, names_and_messages_are_distinct) {
+    for (size_t i = 0; i < NCODES; i++)
+        for (size_t j = i + 1; j < NCODES; j++) {
+            cr_assert_str_neq(nq_err_name(codes[i]), nq_err_name(codes[j]), "%s", names[i]);
+            cr_assert_str_neq(nq_strerror(codes[i]), nq_strerror(codes[j]), "%s and %s",
+                              names[i], names[j]);
+        }
+}
+
 Test(errors, unknown_values_get_the_fallbacks) {
-    const int unknown[] = {0, 1, -1, -99999, INT_MIN, INT_MAX, -4000, -4005};
+    /* 0 is NQ_OK, not an error; positive errno values are not codes either. */
+    const int unknown[] = {0,     1,       -1,      -2,    -99999, INT_MIN, INT_MAX,
+                           -4000, -4005,   4001,    EINVAL, -EPERM, -ENOENT, -EINTR};
     for (size_t i = 0; i < sizeof(unknown) / sizeof(unknown[0]); i++) {
-        cr_assert_str_eq(nq_strerror(unknown[i]), "unknown error", "%d", unknown[i]);
-        cr_assert_str_eq(nq_err_name(unknown[i]), "NQ_UNKNOWN", "%d", unknown[i]);
+        const char *msg = nq_strerror(unknown[i]), *name = nq_err_name(unknown[i]);
+        cr_assert_not_null(msg, "%d", unknown[i]);
+        cr_assert_not_null(name, "%d", unknown[i]);
+        cr_assert_str_eq(msg, "unknown error", "%d", unknown[i]);
+        cr_assert_str_eq(name, "NQ_UNKNOWN", "%d", unknown[i]);
     }
 }
 
