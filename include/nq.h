@@ -165,7 +165,8 @@ typedef struct nq_evq_stats {
     uint64_t delivered;  /* tokens handed out by poll/wait */
     uint64_t pending;    /* queued - delivered: tokens pending now */
     uint64_t batches;    /* polls (or waits) that delivered at least one token */
-    uint64_t parks;      /* times nq_evq_wait went to sleep on the futex */
+    uint64_t parks;      /* times nq_evq_wait went to sleep on the futex (also
+                            short naps while a notifier finishes its store) */
     uint64_t wakes;      /* futex wake syscalls made by notifiers (see nq_evq_notify) */
 } nq_evq_stats_t;
 

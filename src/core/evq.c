@@ -20,7 +20,9 @@
  *             the consumer announced a sleep, store (pos+1, t) into
  *             slots[pos & mask], then make the futex wake if it was ours.
  * Poll:       while slots[head] holds seq head+1: take its token, mark the
- *             slot free for head+size, then xchg(pending[token], 0); head++.
+ *             slot free for head+size; head++. Then, for the whole batch,
+ *             xchg(pending[token], 0): a notify landing mid-batch conflates
+ *             into this delivery, so one poll never returns a token twice.
  *
  * Invariants
  *   I1  A token is in the ring at most once: only the notifier whose xchg
@@ -286,13 +288,16 @@ size_t nq_evq_poll(nq_evq_t *e, uint32_t *out, size_t max) {
          * flag. Release pairs with the acquire load of the notifier that
          * will claim that position. */
         atomic_store_explicit(slot, NQ__SLOT(head + e->size, 0), memory_order_release);
-        /* O1/O2: acq_rel; see the top of the file. */
-        atomic_exchange_explicit(&e->pending[token], 0, memory_order_acq_rel);
         out[n++] = token;
         head++;
     }
     if (n == 0)
         return 0;
+    /* Clear the flags only once the batch is taken: a notify that lands
+     * meanwhile conflates into this delivery instead of re-queueing the token
+     * into the batch being read. */
+    for (size_t k = 0; k < n; k++)
+        atomic_exchange_explicit(&e->pending[out[k]], 0, memory_order_acq_rel);
     atomic_store_explicit(&e->head, head, memory_order_relaxed);
     atomic_store_explicit(&e->batches,
                           atomic_load_explicit(&e->batches, memory_order_relaxed) + 1,
@@ -358,6 +363,9 @@ int nq_evq_wait(nq_evq_t *e, uint32_t *out, size_t max, int64_t timeout_ns) {
             }
             nap = nap == 0 ? NQ__EVQ_NAP_MIN : (nap * 2 > NQ__EVQ_NAP_MAX ? NQ__EVQ_NAP_MAX : nap * 2);
             int64_t until = nq__now_ns() + nap;
+            atomic_store_explicit(&e->parks,
+                                  atomic_load_explicit(&e->parks, memory_order_relaxed) + 1,
+                                  memory_order_relaxed);
             int rc = nq__park_commit(&e->park, until < deadline ? until : deadline);
             nq__park_cancel(&e->park);
             if (rc == NQ_ESYS)
