@@ -90,15 +90,15 @@ Test(errors, names_and_messages_are_distinct) {
     for (size_t i = 0; i < NCODES; i++)
         for (size_t j = i + 1; j < NCODES; j++) {
             cr_assert_str_neq(nq_err_name(codes[i]), nq_err_name(codes[j]), "%s", names[i]);
-            cr_assert_str_neq(nq_strerror(codes[i]), nq_strerror(codes[j]), "%s and %s",
-                              names[i], names[j]);
+            cr_assert_str_neq(nq_strerror(codes[i]), nq_strerror(codes[j]), "%s and %s", names[i],
+                              names[j]);
         }
 }
 
 Test(errors, unknown_values_get_the_fallbacks) {
     /* 0 is NQ_OK, not an error; positive errno values are not codes either. */
-    const int unknown[] = {0,     1,       -1,      -2,    -99999, INT_MIN, INT_MAX,
-                           -4000, -4005,   4001,    EINVAL, -EPERM, -ENOENT, -EINTR};
+    const int unknown[] = {0,     1,     -1,   -2,     -99999, INT_MIN, INT_MAX,
+                           -4000, -4005, 4001, EINVAL, -EPERM, -ENOENT, -EINTR};
     for (size_t i = 0; i < sizeof(unknown) / sizeof(unknown[0]); i++) {
         const char *msg = nq_strerror(unknown[i]), *name = nq_err_name(unknown[i]);
         cr_assert_not_null(msg, "%d", unknown[i]);
@@ -227,8 +227,9 @@ Test(errors, garbage_and_stale_handles_get_ebadh) {
     nq_handle_t stale;
     cr_assert_eq(nq_register(q, "gone", &stale), 0);
     cr_assert_eq(nq_unregister(q, stale), 0);
-    const nq_handle_t bad[] = {0, ~(nq_handle_t)0, 1, (nq_handle_t)1 << 32, 0xffffffff, stale,
-                               stale + 1, stale ^ ((nq_handle_t)1 << 40)};
+    const nq_handle_t bad[] = {
+        0,          ~(nq_handle_t)0, 1,         (nq_handle_t)1 << 32,
+        0xffffffff, stale,           stale + 1, stale ^ ((nq_handle_t)1 << 40)};
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         nq_handle_t h = bad[i];
         uint64_t seq;

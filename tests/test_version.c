@@ -46,8 +46,7 @@ Test(version, matches_the_package) {
 
 Test(version, features_match_the_build) {
     unsigned f = nq_features();
-    cr_assert_eq(f & ~(NQ_FEATURE_JEMALLOC | NQ_FEATURE_FUTEX), 0, "unknown feature bits %#x",
-                 f);
+    cr_assert_eq(f & ~(NQ_FEATURE_JEMALLOC | NQ_FEATURE_FUTEX), 0, "unknown feature bits %#x", f);
 #ifdef __linux__
     cr_assert(f & NQ_FEATURE_FUTEX, "Linux builds park on futexes");
 #endif
