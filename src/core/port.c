@@ -148,20 +148,24 @@ int nq_port_on_deadline(nq_port_t *p, void (*cb)(nq_port_t *p, void *data), void
 
 /* --- the waker side (any thread) ---------------------------------------- */
 
+/* The one eventfd write of a cycle (the caller turned signalled 0 -> 1). */
+static void nq__port_write_efd(nq_port_t *p) {
+    uint64_t one = 1;
+    int saved = errno;
+    /* Cannot fail short of a closed fd: the counter is read every cycle, so
+     * it never nears its 2^64-2 limit. */
+    ssize_t r = write(p->efd, &one, sizeof(one));
+    (void)r;
+    errno = saved;
+    atomic_fetch_add_explicit(&p->efd_writes, 1, memory_order_relaxed);
+}
+
 static void nq__port_signal(nq_port_t *p, uint32_t token) {
     nq_evq_notify(p->ready, token); /* token < max_items: cannot fail */
     /* R: seq_cst pairs with dispatch's store of 0 (P); see the top. */
     if (atomic_load_explicit(&p->signalled, memory_order_seq_cst) == 0 &&
-        atomic_exchange_explicit(&p->signalled, 1, memory_order_seq_cst) == 0) {
-        uint64_t one = 1;
-        int saved = errno;
-        /* Cannot fail short of a closed fd: the counter is read every cycle,
-         * so it never nears its 2^64-2 limit. */
-        ssize_t r = write(p->efd, &one, sizeof(one));
-        (void)r;
-        errno = saved;
-        atomic_fetch_add_explicit(&p->efd_writes, 1, memory_order_relaxed);
-    }
+        atomic_exchange_explicit(&p->signalled, 1, memory_order_seq_cst) == 0)
+        nq__port_write_efd(p);
 }
 
 static void nq__port_wait_wake(void *ctx) {
@@ -476,14 +480,8 @@ int nq_port_dispatch(nq_port_t *p, unsigned budget) {
     /* Work left (budget, re-armed subscriptions, a notifier mid-store):
      * keep the fd readable so the loop comes back. */
     if (nq__evq_pending(p->ready) > 0 &&
-        atomic_exchange_explicit(&p->signalled, 1, memory_order_seq_cst) == 0) {
-        uint64_t one = 1;
-        int saved = errno;
-        ssize_t r = write(p->efd, &one, sizeof(one));
-        (void)r;
-        errno = saved;
-        atomic_fetch_add_explicit(&p->efd_writes, 1, memory_order_relaxed);
-    }
+        atomic_exchange_explicit(&p->signalled, 1, memory_order_seq_cst) == 0)
+        nq__port_write_efd(p);
     return ran;
 }
 
