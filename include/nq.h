@@ -359,9 +359,15 @@ NQ_EXTERN int nq_port_subscribe(nq_port_t *p, nq_queue_t *q, nq_handle_t h,
                                 const nq_sub_opts_t *opts, nq_sub_cb cb, void *data,
                                 nq_sub_t **out);
 
-/* For adapters. attach: at most one owner at a time (NQ_EBUSY). on_deadline:
- * cb runs (on the port's thread, inside nq_port_wait) whenever the next
- * deadline moves earlier, so the adapter can re-arm its loop timer. */
+/* For adapters (<nq/uv.h>, <nq/ev.h>, <nq/epoll.h> use these; so may yours).
+ * attach: the port has at most one owner at a time (NQ_EBUSY while another,
+ * or the same, holds it). detach: only by its owner (NQ_EINVAL otherwise);
+ * detached inside one of the port's callbacks, the running dispatch stops
+ * after that callback and leaves the rest ready, so nothing more runs through
+ * the old owner. on_deadline: cb runs (on the port's thread, inside
+ * nq_port_wait) whenever the next deadline moves earlier, so the adapter can
+ * re-arm its loop timer; NULL removes it. Free a port only after detaching
+ * it (close its adapter first). */
 NQ_EXTERN int nq_port_attach(nq_port_t *p, const void *owner);
 NQ_EXTERN int nq_port_detach(nq_port_t *p, const void *owner);
 NQ_EXTERN int nq_port_on_deadline(nq_port_t *p, void (*cb)(nq_port_t *p, void *data),

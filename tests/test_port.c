@@ -1111,6 +1111,47 @@ Test(port, attach_is_exclusive) {
     port_free(p);
 }
 
+/* An adapter closing from inside a callback detaches the port there: the
+ * running dispatch stops after that callback, and what it had not run stays
+ * ready (fd readable) for the next dispatch, exactly once each. */
+static int detach_owner;
+static int detach_ran[8];
+static nq_port_t *detach_port;
+static void detach_cb(void *data, int status, int64_t arg) {
+    (void)status;
+    (void)arg;
+    int i = (int)(intptr_t)data;
+    detach_ran[i]++;
+    if (i == 0)
+        cr_assert_eq(nq_port_detach(detach_port, &detach_owner), 0);
+}
+
+Test(port, detach_inside_a_callback_stops_the_dispatch_and_keeps_the_rest) {
+    setup();
+    nq_queue_t *q = new_queue();
+    nq_port_t *p = detach_port = new_port();
+    nq_handle_t h[8];
+    for (int i = 0; i < 8; i++) {
+        h[i] = reg(q);
+        cr_assert_eq(nq_port_wait(p, q, h[i], 0, -1, detach_cb, (void *)(intptr_t)i, NULL), 0);
+    }
+    cr_assert_eq(nq_port_attach(p, &detach_owner), 0);
+    for (int i = 0; i < 8; i++)
+        cr_assert_eq(nq_notify(q, h[i], i), 1);
+    cr_assert_eq(dispatch(p, 0), 1, "the dispatch went on after its owner detached");
+    cr_assert_eq(detach_ran[0], 1);
+    for (int i = 1; i < 8; i++)
+        cr_assert_eq(detach_ran[i], 0, "wait %d ran after the detach", i);
+    cr_assert(readable(p), "the rest is not signalled for the next owner");
+    cr_assert_eq(dispatch(p, 0), 7, "the rest did not run in the next dispatch");
+    for (int i = 0; i < 8; i++)
+        cr_assert_eq(detach_ran[i], 1, "wait %d ran %d times", i, detach_ran[i]);
+    cr_assert_eq(dispatch(p, 0), 0);
+    cr_assert_not(readable(p));
+    port_free(p);
+    nq_queue_free(q);
+}
+
 /* --- cancel, release, unregister -------------------------------------------------- */
 
 Test(port, cancelled_wait_gets_ecanceled_exactly_once) {

@@ -61,6 +61,7 @@ struct nq_port {
     uint32_t heap_len;
     int in_dispatch;
     int free_deferred;
+    int detached_in_dispatch; /* the owner let go inside a callback: stop */
     void (*deadline_cb)(nq_port_t *p, void *data);
     void *deadline_data;
     const void *owner; /* the adapter attached, if any */
@@ -135,6 +136,11 @@ int nq_port_detach(nq_port_t *p, const void *owner) {
     if (p->owner != owner)
         return NQ_EINVAL;
     p->owner = NULL;
+    /* Detached from inside one of the port's callbacks (an adapter closed
+     * there): the running dispatch stops after that callback, so nothing
+     * more runs through the old owner; what is left stays ready. */
+    if (p->in_dispatch)
+        p->detached_in_dispatch = 1;
     return 0;
 }
 
@@ -466,11 +472,18 @@ int nq_port_dispatch(nq_port_t *p, unsigned budget) {
         if (n == 0)
             break;
         limit -= n;
-        for (size_t i = 0; i < n && !p->free_deferred; i++)
-            ran += nq__port_run(p, toks[i]);
+        for (size_t i = 0; i < n && !p->free_deferred; i++) {
+            if (p->detached_in_dispatch)
+                nq_evq_notify(p->ready, toks[i]); /* put back, for the next owner */
+            else
+                ran += nq__port_run(p, toks[i]);
+        }
+        if (p->detached_in_dispatch)
+            break;
     }
-    if (!p->free_deferred)
+    if (!p->free_deferred && !p->detached_in_dispatch)
         ran += nq__port_expire(p);
+    p->detached_in_dispatch = 0;
 
     p->in_dispatch = 0;
     if (p->free_deferred) {
