@@ -352,7 +352,8 @@ NQ_EXTERN int nq_port_wait(nq_port_t *p, nq_queue_t *q, nq_handle_t h, uint64_t 
  * (level-triggered: drain part, and it is called again in a later dispatch),
  * and, once its handle was unregistered, until a receive has returned
  * NQ_ECLOSED (like EOF on a level-triggered socket). With out,
- * close it with nq_sub_close (also allowed inside the callback); without,
+ * close it with nq_sub_close on the port's thread (also allowed inside the
+ * callback; unlike other subscriptions, not from another thread); without,
  * the port closes it when the port is freed. */
 typedef void (*nq_sub_cb)(nq_sub_t *s, void *data);
 NQ_EXTERN int nq_port_subscribe(nq_port_t *p, nq_queue_t *q, nq_handle_t h,

@@ -37,6 +37,7 @@
 #include "nqtest.h"
 #include "core/internal.h"
 #include "core/queue.h"
+#include "core/evq.h"
 
 #define MS (int64_t)1000000
 #define SEC (int64_t)1000000000
@@ -1148,6 +1149,134 @@ Test(port, detach_inside_a_callback_stops_the_dispatch_and_keeps_the_rest) {
         cr_assert_eq(detach_ran[i], 1, "wait %d ran %d times", i, detach_ran[i]);
     cr_assert_eq(dispatch(p, 0), 0);
     cr_assert_not(readable(p));
+    port_free(p);
+    nq_queue_free(q);
+}
+
+/* The same when the callback is a timeout's: the expiry stops there too. */
+Test(port, detach_inside_a_timeout_callback_stops_the_expiry) {
+    setup();
+    memset(detach_ran, 0, sizeof(detach_ran));
+    nq_queue_t *q = new_queue();
+    nq_port_t *p = detach_port = new_port();
+    for (int i = 0; i < 3; i++) {
+        nq_handle_t h = reg(q);
+        cr_assert_eq(nq_port_wait(p, q, h, 0, 0, detach_cb, (void *)(intptr_t)i, NULL), 0);
+        sleep_ns(MS / 10); /* distinct deadlines: expiry order 0, 1, 2 */
+    }
+    cr_assert_eq(nq_port_attach(p, &detach_owner), 0);
+    cr_assert_eq(dispatch(p, 0), 1, "the expiry went on after its owner detached");
+    cr_assert_eq(detach_ran[0], 1);
+    cr_assert_eq(detach_ran[1] + detach_ran[2], 0);
+    cr_assert_eq(nq_port_timeout_ms(p), 0, "the rest are due for the next owner");
+    cr_assert_eq(dispatch(p, 0), 2);
+    cr_assert_eq(detach_ran[1] + detach_ran[2], 2);
+    port_free(p);
+    nq_queue_free(q);
+}
+
+/* A timeout is the port's own doing: it costs no eventfd write and leaves
+ * no token behind to wake the loop again for nothing. */
+Test(port, a_timeout_costs_no_eventfd_write) {
+    setup();
+    nq_queue_t *q = new_queue();
+    nq_port_t *p = new_port();
+    nq_handle_t h = reg(q);
+    wrec_t r = {0};
+    pwait(p, q, h, 0, 0, &r, NULL);
+    cr_assert_eq(dispatch(p, 0), 1);
+    cr_assert_eq(r.status, NQ_ETIMEDOUT);
+    cr_assert_not(readable(p), "a timeout left the fd readable");
+    cr_assert_eq(pstats(p).efd_writes, 0);
+    nq_wait_t *w;
+    pwait(p, q, h, 0, 0, &r, &w);
+    port_free(p); /* cancels nothing (already due), runs its callback */
+    cr_assert_eq(r.calls, 2);
+    nq_wait_release(w);
+    nq_queue_free(q);
+}
+
+/* A waker preempted between claiming its evq slot and storing its token
+ * stalls the evq's head: dispatch can run nothing behind it. It must not
+ * keep the fd readable for it (a level-triggered loop would spin until that
+ * thread runs again); the stalled waker signals once it has stored. */
+Test(port, a_stalled_waker_gets_the_signal_duty_and_the_loop_sleeps) {
+    setup();
+    nq_queue_t *q = new_queue();
+    nq_port_t *p = new_port();
+    nq_handle_t h = reg(q);
+    wrec_t r = {0};
+    pwait(p, q, h, 0, -1, &r, NULL); /* token 0 */
+    nq_port_stats_t ps = pstats(p);
+    uint32_t stalled = ps.max_items - 1; /* names no item: spurious when run */
+    uint64_t pos;
+    nq_evq_t *e = nq__port_evq(p);
+    cr_assert_eq(nq__evq_claim_for_test(e, stalled, &pos), 1);
+    cr_assert_eq(nq_notify(q, h, 7), 1); /* queued behind the stalled head */
+    cr_assert(readable(p));
+    cr_assert_eq(dispatch(p, 0), 0, "ran past a head that was not written");
+    cr_assert_not(readable(p), "the fd stays readable for a stalled head: the loop spins");
+    cr_assert_eq(dispatch(p, 0), 0);
+    cr_assert_not(readable(p));
+    uint64_t writes = pstats(p).efd_writes;
+    /* The waker resumes: store, then its half of the signal. */
+    nq__evq_publish_for_test(e, pos, stalled);
+    nq__port_kick(p);
+    cr_assert(readable(p), "the resumed waker did not signal");
+    cr_assert_eq(pstats(p).efd_writes, writes + 1);
+    cr_assert_eq(dispatch(p, 0), 1);
+    cr_assert_eq(r.calls, 1);
+    cr_assert_eq(r.arg, 7);
+    cr_assert_not(readable(p));
+    port_free(p);
+    nq_queue_free(q);
+}
+
+/* The same race for real: a thread stalls 20 ms between claim and store
+ * while the loop waits in epoll. The loop wakes a handful of times, not
+ * thousands, and the wait behind the stalled head still completes. */
+typedef struct stall_arg {
+    nq_port_t *p;
+    uint32_t token;
+} stall_arg_t;
+
+static void *stalling_waker(void *a) {
+    stall_arg_t *sa = a;
+    nq_evq_t *e = nq__port_evq(sa->p);
+    uint64_t pos;
+    if (nq__evq_claim_for_test(e, sa->token, &pos) == 1) {
+        nq__port_kick(sa->p); /* some earlier waker's signal, say */
+        sleep_ns(20 * MS);
+        nq__evq_publish_for_test(e, pos, sa->token);
+        nq__port_kick(sa->p);
+    }
+    return NULL;
+}
+
+Test(port, a_stalled_waker_costs_the_loop_no_busy_spin, .timeout = 30) {
+    setup();
+    nq_queue_t *q = new_queue();
+    nq_port_t *p = new_port();
+    nq_handle_t h = reg(q);
+    wrec_t r = {0};
+    pwait(p, q, h, 0, -1, &r, NULL);
+    stall_arg_t sa = {p, pstats(p).max_items - 1};
+    pthread_t t;
+    cr_assert_eq(pthread_create(&t, NULL, stalling_waker, &sa), 0);
+    sleep_ns(2 * MS);
+    cr_assert_eq(nq_notify(q, h, 9), 1); /* likely behind the stalled head */
+    int wakeups = 0;
+    int64_t end = now_ns() + 5 * SEC;
+    while (r.calls == 0 && now_ns() < end) {
+        struct pollfd pf = {nq_port_fd(p), POLLIN, 0};
+        if (poll(&pf, 1, 1000) == 1) {
+            wakeups++;
+            dispatch(p, 0);
+        }
+    }
+    pthread_join(t, NULL);
+    cr_assert_eq(r.calls, 1, "the wait behind the stalled head never ran");
+    cr_assert_leq(wakeups, 10, "%d loop wakeups during a 20 ms stall: the loop spun", wakeups);
     port_free(p);
     nq_queue_free(q);
 }

@@ -118,6 +118,7 @@ struct nq_evq {
     uint64_t mask; /* size - 1 */
     _Atomic uint64_t *slots;
     atomic_uchar *pending;
+    int sc_publish; /* set by a port before use: slot stores are seq_cst */
 
     /* Notifiers. */
     NQ__CACHELINE_ALIGNED _Atomic uint64_t tail;
@@ -218,6 +219,18 @@ static int nq__evq_claim_small(nq_evq_t *e, uint64_t *posp) {
     }
 }
 
+/* O3: release pairs with the consumer's acquire load of the slot. A port's
+ * evq stores with seq_cst instead: the port's stalled-head handshake (see
+ * port.c) orders this store before the notifier's load of `signalled`
+ * against the dispatch's store of `signalled` before its load of the slot. */
+static inline void nq__evq_publish(nq_evq_t *e, uint64_t pos, uint32_t token) {
+    _Atomic uint64_t *slot = &e->slots[pos & e->mask];
+    if (e->sc_publish)
+        atomic_store_explicit(slot, NQ__SLOT(pos + 1, token), memory_order_seq_cst);
+    else
+        atomic_store_explicit(slot, NQ__SLOT(pos + 1, token), memory_order_release);
+}
+
 int nq_evq_notify(nq_evq_t *e, uint32_t token) {
     if (NQ__UNLIKELY(e == NULL || token >= e->max_tokens))
         return NQ_EINVAL;
@@ -261,9 +274,7 @@ int nq_evq_notify(nq_evq_t *e, uint32_t token) {
         atomic_fetch_add_explicit(&e->wakes, 1, memory_order_relaxed);
     nq__park_t *park = &e->park;
 
-    /* O3: release pairs with the consumer's acquire load of the slot. */
-    atomic_store_explicit(&e->slots[pos & e->mask], NQ__SLOT(pos + 1, token),
-                          memory_order_release);
+    nq__evq_publish(e, pos, token);
     if (NQ__UNLIKELY(wake))
         nq__park_wake_slow(park); /* the address only, never the memory */
     return rc;
@@ -384,6 +395,28 @@ int nq_evq_wait(nq_evq_t *e, uint32_t *out, size_t max, int64_t timeout_ns) {
         /* Woken, interrupted or timed out: poll again; the deadline check
          * above decides, with the clock, never early. */
     }
+}
+
+void nq__evq_set_sc_publish(nq_evq_t *e) {
+    e->sc_publish = 1;
+}
+
+int nq__evq_head_ready(nq_evq_t *e) {
+    uint64_t head = atomic_load_explicit(&e->head, memory_order_relaxed);
+    /* seq_cst: L2 of the port's stalled-head handshake (port.c). */
+    uint64_t w = atomic_load_explicit(&e->slots[head & e->mask], memory_order_seq_cst);
+    return NQ__SLOT_SEQ(w) == (uint32_t)(head + 1);
+}
+
+int nq__evq_claim_for_test(nq_evq_t *e, uint32_t token, uint64_t *pos) {
+    if (atomic_exchange_explicit(&e->pending[token], 1, memory_order_acq_rel))
+        return 0;
+    *pos = atomic_fetch_add_explicit(&e->tail, 1, memory_order_seq_cst);
+    return 1;
+}
+
+void nq__evq_publish_for_test(nq_evq_t *e, uint64_t pos, uint32_t token) {
+    nq__evq_publish(e, pos, token);
 }
 
 uint64_t nq__evq_pending(nq_evq_t *e) {

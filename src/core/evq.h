@@ -23,4 +23,17 @@ int nq__evq_check(const nq_evq_t *e, const char **why);
  * protocol. Consumer thread. */
 uint64_t nq__evq_pending(nq_evq_t *e);
 
+/* Makes every slot store seq_cst (a port's evq, before first use). */
+void nq__evq_set_sc_publish(nq_evq_t *e);
+
+/* Is the token at the head written (seq_cst load)? Consumer thread. */
+int nq__evq_head_ready(nq_evq_t *e);
+
+/* Test hooks: nq_evq_notify cut in two, to play a notifier stalled between
+ * its claim and its slot store. claim: 1 and *pos if it queues token, 0 if
+ * the token was pending (conflated). publish: the slot store. Callers of
+ * these bypass the evq's own futex wake duty. */
+int nq__evq_claim_for_test(nq_evq_t *e, uint32_t token, uint64_t *pos);
+void nq__evq_publish_for_test(nq_evq_t *e, uint64_t pos, uint32_t token);
+
 #endif

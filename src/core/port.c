@@ -7,19 +7,30 @@
  *
  * Wake-up protocol: at most one eventfd write per dispatch cycle.
  *   waker (any thread)                     dispatch (loop thread)
- *   nq_evq_notify(ready, token)            read(eventfd)  (if signalled)
- *     -- its CAS on the evq's tail is      signalled = 0            (seq_cst, P)
- *        seq_cst (W)                       n = pending(ready): reads the evq's
+ *   nq_evq_notify(ready, token)            read(eventfd)
+ *     -- its fetch_add claiming a ring     signalled = 0            (seq_cst, P)
+ *        slot is seq_cst (W)               n = pending(ready): reads the evq's
  *   if load(signalled) == 0  (seq_cst, R)      tail with seq_cst    (L)
  *      and xchg(signalled, 1) == 0         run up to min(n, budget) items
  *        write(eventfd, 1)                 if ready is not empty: signal again
  * If dispatch's L misses the waker's token, then P < L < W < R in the seq_cst
  * order and R reads 0: the waker writes the eventfd and the loop comes back.
- * A token whose notifier is between its CAS and its slot store is seen as
- * "not empty" at the end of dispatch, which signals again: nothing is lost.
  * The xchg lets one waker per cycle make the write; the others see 1.
- * A conflated evq notify makes no CAS, but the notify that queued the token
- * did, and that one signals (or dispatch sees its token).
+ *
+ * A stalled head (its notifier preempted between its claim W and its slot
+ * store S) is seen at the end of dispatch as "pending, head not written".
+ * Dispatch does not signal for it (a level-triggered loop would spin until
+ * that thread runs again) but hands its notifier the duty:
+ *   notifier                               dispatch
+ *   store slot (seq_cst, S)                signalled = 0            (seq_cst, P2)
+ *   R as above: load(signalled) ...        if slot written (seq_cst load, L2):
+ *                                              signal as for work left
+ * If L2 misses S then P2 < L2 < S < R in the seq_cst order, so R reads 0
+ * (or a later waker's 1, and that waker writes): the eventfd is written
+ * after S and the loop comes back for the token. A port's evq makes its
+ * slot stores seq_cst for this (nq__evq_set_sc_publish).
+ * A conflated evq notify claims no slot, but the notify that queued the
+ * token did, and that one signals (or dispatch sees its token).
  *
  * Tokens are reused after their item is gone; a stale token can still come
  * out of the evq (a late waker), so dispatch checks each item's own state
@@ -56,9 +67,11 @@ struct nq_port {
     NQ__CACHELINE_ALIGNED nq__pitem_t *items;
     uint32_t *free_tokens;
     uint32_t nfree;
-    uint32_t live_items;
     nq_wait_t **heap; /* min-heap by deadline_ns */
     uint32_t heap_len;
+    /* Mirrors of live items and heap_len for nq_port_stats on any thread:
+     * written here with relaxed stores, read relaxed (figures, not sync). */
+    _Atomic uint32_t live_items, deadlines;
     int in_dispatch;
     int free_deferred;
     int detached_in_dispatch; /* the owner let go inside a callback: stop */
@@ -91,6 +104,7 @@ int nq_port_new_sized(uint32_t max_items, nq_port_t **out) {
     rc = nq_evq_new(max_items, &p->ready);
     if (rc < 0)
         goto fail;
+    nq__evq_set_sc_publish(p->ready); /* S of the stalled-head handshake */
     p->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (p->efd < 0) {
         rc = NQ_ESYS;
@@ -166,12 +180,21 @@ static void nq__port_write_efd(nq_port_t *p) {
     atomic_fetch_add_explicit(&p->efd_writes, 1, memory_order_relaxed);
 }
 
-static void nq__port_signal(nq_port_t *p, uint32_t token) {
-    nq_evq_notify(p->ready, token); /* token < max_items: cannot fail */
-    /* R: seq_cst pairs with dispatch's store of 0 (P); see the top. */
+/* The second half of a signal, after the token is in the evq. */
+void nq__port_kick(nq_port_t *p) {
+    /* R: seq_cst pairs with dispatch's stores of 0 (P, P2); see the top. */
     if (atomic_load_explicit(&p->signalled, memory_order_seq_cst) == 0 &&
         atomic_exchange_explicit(&p->signalled, 1, memory_order_seq_cst) == 0)
         nq__port_write_efd(p);
+}
+
+static void nq__port_signal(nq_port_t *p, uint32_t token) {
+    nq_evq_notify(p->ready, token); /* token < max_items: cannot fail */
+    nq__port_kick(p);
+}
+
+nq_evq_t *nq__port_evq(nq_port_t *p) {
+    return p->ready;
 }
 
 static void nq__port_wait_wake(void *ctx) {
@@ -191,7 +214,9 @@ static int nq__port_token(nq_port_t *p, uint32_t *token) {
     if (p->nfree == 0)
         return NQ_ELIMIT;
     *token = p->free_tokens[--p->nfree];
-    p->live_items++;
+    atomic_store_explicit(&p->live_items,
+                          atomic_load_explicit(&p->live_items, memory_order_relaxed) + 1,
+                          memory_order_relaxed); /* one writer: the port's thread */
     return 0;
 }
 
@@ -199,7 +224,9 @@ static void nq__port_untoken(nq_port_t *p, uint32_t token) {
     p->items[token].kind = NQ__PI_NONE;
     p->items[token].obj = NULL;
     p->free_tokens[p->nfree++] = token;
-    p->live_items--;
+    atomic_store_explicit(&p->live_items,
+                          atomic_load_explicit(&p->live_items, memory_order_relaxed) - 1,
+                          memory_order_relaxed);
 }
 
 static void nq__heap_set(nq_port_t *p, uint32_t i, nq_wait_t *w) {
@@ -241,6 +268,7 @@ static void nq__heap_remove(nq_port_t *p, nq_wait_t *w) {
         return;
     w->heap_index = UINT32_MAX;
     nq_wait_t *last = p->heap[--p->heap_len];
+    atomic_store_explicit(&p->deadlines, p->heap_len, memory_order_relaxed);
     if (i == p->heap_len)
         return;
     nq__heap_set(p, i, last);
@@ -309,6 +337,7 @@ int nq_port_wait(nq_port_t *p, nq_queue_t *q, nq_handle_t h, uint64_t after,
                                                                   : now + timeout_ms * 1000000;
         p->heap[p->heap_len++] = w;
         nq__heap_up(p, p->heap_len - 1);
+        atomic_store_explicit(&p->deadlines, p->heap_len, memory_order_relaxed);
         if (w->heap_index == 0 && p->deadline_cb != NULL)
             p->deadline_cb(p, p->deadline_data); /* the next deadline moved earlier */
     }
@@ -424,10 +453,13 @@ static int nq__port_run(nq_port_t *p, uint32_t token) {
 static int nq__port_expire(nq_port_t *p) {
     int ran = 0;
     int64_t now = nq__now_ns();
-    while (p->heap_len > 0 && p->heap[0]->deadline_ns <= now) {
+    /* A callback that detaches the port or frees it stops the expiry too:
+     * the waits left stay in the heap for the next dispatch. */
+    while (p->heap_len > 0 && p->heap[0]->deadline_ns <= now && !p->detached_in_dispatch &&
+           !p->free_deferred) {
         nq_wait_t *w = p->heap[0];
         nq__heap_remove(p, w);
-        if (nq__wait_cancel_status(w, NQ_ETIMEDOUT) == 0) {
+        if (nq__wait_cancel_by_port(w, NQ_ETIMEDOUT) == 0) {
             atomic_fetch_add_explicit(&p->deadlines_expired, 1, memory_order_relaxed);
             nq__port_finish_wait(p, w); /* its token, if queued, is now stale */
             ran++;
@@ -490,11 +522,20 @@ int nq_port_dispatch(nq_port_t *p, unsigned budget) {
         nq__port_destroy(p);
         return ran;
     }
-    /* Work left (budget, re-armed subscriptions, a notifier mid-store):
-     * keep the fd readable so the loop comes back. */
-    if (nq__evq_pending(p->ready) > 0 &&
-        atomic_exchange_explicit(&p->signalled, 1, memory_order_seq_cst) == 0)
-        nq__port_write_efd(p);
+    /* Work left (budget, re-armed subscriptions): keep the fd readable so
+     * the loop comes back. But a head claimed and not yet written (its
+     * notifier was preempted between claim and store) is not work we can
+     * do: signalling for it would spin a level-triggered loop until that
+     * thread runs. Hand its notifier the duty instead (top comment). */
+    if (nq__evq_pending(p->ready) > 0) {
+        if (!nq__evq_head_ready(p->ready)) {
+            atomic_store_explicit(&p->signalled, 0, memory_order_seq_cst); /* P2 */
+            if (!nq__evq_head_ready(p->ready))                             /* L2 */
+                return ran; /* its notifier's R reads 0 and signals */
+        }
+        if (atomic_exchange_explicit(&p->signalled, 1, memory_order_seq_cst) == 0)
+            nq__port_write_efd(p);
+    }
     return ran;
 }
 
@@ -510,7 +551,7 @@ static void nq__port_destroy(nq_port_t *p) {
         if (p->items[t].kind != NQ__PI_WAIT)
             continue;
         nq_wait_t *w = p->items[t].obj;
-        nq__wait_cancel_status(w, NQ_ECANCELED);
+        nq__wait_cancel_by_port(w, NQ_ECANCELED);
         nq__port_finish_wait(p, w);
     }
     for (uint32_t t = 0; t < p->max_items; t++) {
@@ -559,8 +600,8 @@ int nq_port_stats(const nq_port_t *cp, nq_port_stats_t *out) {
     out->efd_writes = atomic_load_explicit(&p->efd_writes, memory_order_relaxed);
     out->efd_reads = atomic_load_explicit(&p->efd_reads, memory_order_relaxed);
     out->deadlines_expired = atomic_load_explicit(&p->deadlines_expired, memory_order_relaxed);
-    out->live_items = p->live_items;
+    out->live_items = atomic_load_explicit(&p->live_items, memory_order_relaxed);
     out->max_items = p->max_items;
-    out->deadlines = p->heap_len;
+    out->deadlines = atomic_load_explicit(&p->deadlines, memory_order_relaxed);
     return 0;
 }

@@ -140,6 +140,8 @@ int nq__wait_attach(nq_queue_t *q, nq_handle_t h, uint64_t after, nq_wait_t *w);
 void nq__wait_complete_locked(nq_wait_t *w, int status, int64_t arg, nq_wait_t **done);
 void nq__wait_run_wakers(nq_wait_t *done);
 int nq__wait_cancel_status(nq_wait_t *w, int status);
+/* The same, by the port that runs w's callback itself right after: no waker. */
+int nq__wait_cancel_by_port(nq_wait_t *w, int status);
 void nq__wait_quiesce(nq_wait_t *w);
 void nq__wait_unref(nq_wait_t *w);
 
@@ -163,6 +165,11 @@ void nq__sub_destroy(nq_sub_t *s);
 /* port.c */
 void nq__port_sub_wake(nq_sub_t *s);
 void nq__port_sub_close(nq_sub_t *s);
+/* Test hooks: the port's evq, and the signal step a waker makes after its
+ * token is in that evq (with nq__evq_claim/publish_for_test they play a
+ * waker stalled between its claim and its store). */
+nq_evq_t *nq__port_evq(struct nq_port *p);
+void nq__port_kick(struct nq_port *p);
 
 /* Test hook (queue.c): generations wrap within `bits` bits. */
 int nq__queue_set_gen_bits(nq_queue_t *q, unsigned bits);

@@ -91,8 +91,11 @@ void nq__wait_quiesce(nq_wait_t *w) {
 }
 
 /* Completes w with status if it is still pending: 0, or NQ_EALREADY. Only a
- * port wait's waker runs (it brings the callback); a user's never does. */
-int nq__wait_cancel_status(nq_wait_t *w, int status) {
+ * port wait's waker runs (it brings the callback); a user's never does, and
+ * neither does a port wait's when the port itself cancels it on its own
+ * thread (run_port_waker 0: it runs the callback at once, and a waker would
+ * only queue a stale token and an eventfd write). */
+static int nq__wait_cancel(nq_wait_t *w, int status, int run_port_waker) {
     nq__hslot_t *s = nq__slot_at(w->q, w->index);
     nq_wait_t *done = NULL;
     nq__lock(&s->lock);
@@ -102,13 +105,21 @@ int nq__wait_cancel_status(nq_wait_t *w, int status) {
     nq__unlock(&s->lock);
     if (!listed)
         return NQ_EALREADY;
-    if (w->kind == NQ__WK_PORT) {
+    if (w->kind == NQ__WK_PORT && run_port_waker) {
         nq__wait_run_wakers(done); /* the port runs its callback with status */
     } else {
         /* The canceller knows: a cancelled wait's waker never runs. */
         atomic_fetch_sub_explicit(&w->inflight, 1, memory_order_release);
     }
     return 0;
+}
+
+int nq__wait_cancel_status(nq_wait_t *w, int status) {
+    return nq__wait_cancel(w, status, 1);
+}
+
+int nq__wait_cancel_by_port(nq_wait_t *w, int status) {
+    return nq__wait_cancel(w, status, 0);
 }
 
 /* Starts w on h: 1 if it completed at once (its waker is owed: the caller
