@@ -371,6 +371,8 @@ NQ_EXTERN int nq_port_subscribe(nq_port_t *p, nq_queue_t *q, nq_handle_t h,
  * it (close its adapter first). */
 NQ_EXTERN int nq_port_attach(nq_port_t *p, const void *owner);
 NQ_EXTERN int nq_port_detach(nq_port_t *p, const void *owner);
+/* The owner attached now, or NULL (also for a NULL port). */
+NQ_EXTERN const void *nq_port_owner(const nq_port_t *p);
 NQ_EXTERN int nq_port_on_deadline(nq_port_t *p, void (*cb)(nq_port_t *p, void *data),
                                   void *data);
 

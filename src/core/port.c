@@ -158,6 +158,10 @@ int nq_port_detach(nq_port_t *p, const void *owner) {
     return 0;
 }
 
+const void *nq_port_owner(const nq_port_t *p) {
+    return p == NULL ? NULL : p->owner;
+}
+
 int nq_port_on_deadline(nq_port_t *p, void (*cb)(nq_port_t *p, void *data), void *data) {
     if (p == NULL)
         return NQ_EINVAL;
