@@ -22,12 +22,14 @@
  * Dispatch does not signal for it (a level-triggered loop would spin until
  * that thread runs again) but hands its notifier the duty:
  *   notifier                               dispatch
- *   store slot (seq_cst, S)                signalled = 0            (seq_cst, P2)
- *   R as above: load(signalled) ...        if slot written (seq_cst load, L2):
+ *   store slot (seq_cst, S)                CAS(signalled, 0 -> 0)   (seq_cst, P2)
+ *   R as above: load(signalled) ...          (reads 1: a waker writes; done)
+ *                                          if slot written (seq_cst load, L2):
  *                                              signal as for work left
  * If L2 misses S then P2 < L2 < S < R in the seq_cst order, so R reads 0
  * (or a later waker's 1, and that waker writes): the eventfd is written
- * after S and the loop comes back for the token. A port's evq makes its
+ * after S and the loop comes back for the token. P2 never turns a 1 into a
+ * 0, so it opens no second window: still one write per dispatch cycle. A port's evq makes its
  * slot stores seq_cst for this (nq__evq_set_sc_publish).
  * A conflated evq notify claims no slot, but the notify that queued the
  * token did, and that one signals (or dispatch sees its token).
@@ -533,8 +535,16 @@ int nq_port_dispatch(nq_port_t *p, unsigned budget) {
      * thread runs. Hand its notifier the duty instead (top comment). */
     if (nq__evq_pending(p->ready) > 0) {
         if (!nq__evq_head_ready(p->ready)) {
-            atomic_store_explicit(&p->signalled, 0, memory_order_seq_cst); /* P2 */
-            if (!nq__evq_head_ready(p->ready))                             /* L2 */
+            /* P2: a seq_cst RMW that writes 0 only over 0. A plain store
+             * of 0 over a waker's 1 would open a second signalling window
+             * in this cycle (a second eventfd write); when it reads 1, that
+             * waker writes the eventfd and the loop comes back anyway. */
+            int zero = 0;
+            if (!atomic_compare_exchange_strong_explicit(&p->signalled, &zero, 0,
+                                                         memory_order_seq_cst,
+                                                         memory_order_seq_cst))
+                return ran;
+            if (!nq__evq_head_ready(p->ready)) /* L2 */
                 return ran; /* its notifier's R reads 0 and signals */
         }
         if (atomic_exchange_explicit(&p->signalled, 1, memory_order_seq_cst) == 0)
