@@ -1080,11 +1080,11 @@ Test(adapter_epoll, the_tag_fires_level_triggered_while_a_budget_leaves_work) {
 #define F_BUDGET 3u /* the loop's dispatch budget */
 #define F_SUBS   4
 #define F_CAP    (1u << 16) /* backlog per subscription */
-#ifdef NQT_TSAN
-#define F_SLACK 50 /* the ticks may take this many times their nominal time */
-#else
-#define F_SLACK 20
-#endif
+/* The ticks may take this many times their nominal time: a loop starved
+ * by the flood never gets them at all (the run gives up after 15 s), while
+ * a loop on a crowded 2-vCPU machine under a sanitizer may be descheduled
+ * for long stretches. The real fairness check is f_contended below. */
+#define F_SLACK 100
 
 static int f_timerfd, f_tid, f_port_fd;
 static long f_ticks, f_contended, f_cbs, f_wrong_thread, f_bad;
@@ -1144,8 +1144,7 @@ Test(adapter_epoll, a_flood_cannot_starve_a_timerfd_and_each_dispatch_keeps_its_
     /* The ticks came while the flood was pending ... */
     cr_assert_geq(f_contended, F_TICKS * 4 / 5, "only %ld of %d ticks came with work pending",
                   f_contended, F_TICKS);
-    /* ... at a reasonable rate: 5% of the nominal 500 a second (2% under
-     * TSan, whose loop iterations are slow on a crowded machine). */
+    /* ... and at least 1% of the nominal 500 a second (F_SLACK). */
     cr_assert_lt(took, (int64_t)F_TICKS * 2 * MS * F_SLACK, "%d ticks of 2 ms took %.1f ms",
                  F_TICKS, (double)took / MS);
     /* Every dispatch kept to the budget, and the flood reached it. */
