@@ -1,9 +1,12 @@
 #!/bin/sh
 # Runs the examples users copy from, briefly, and checks what they promise:
 # worker_subscriptions accounts for every notification (OK), readme_worker
-# prints what the README says it prints, and the README shows readme_worker.c
-# as it is in examples/ (the snippet cannot drift from the compiled file).
-echo "1..3"
+# prints what the README says it prints, the README shows readme_worker.c as
+# it is in examples/ (the snippet cannot drift from the compiled file), and
+# the loop examples (uv_workers, ev_workers, epoll_server) check their own
+# accounting and say OK. A loop example whose loop library was not found is
+# not built, and is skipped.
+echo "1..6"
 out=$("$top_builddir/examples/worker_subscriptions" -n 20000 2>&1)
 if [ $? -eq 0 ] && printf '%s' "$out" | grep -q '^OK'; then
   echo "ok 1 - worker_subscriptions: stalled worker costs nothing, accounting exact"
@@ -25,3 +28,24 @@ if [ -n "$snippet" ] && [ "$snippet" = "$(cat "$top_srcdir/examples/readme_worke
 else
   echo "not ok 3 - README's worker example differs from examples/readme_worker.c"
 fi
+n=3
+for ex in uv_workers ev_workers epoll_server; do
+  n=$((n + 1))
+  prog="$top_builddir/examples/$ex"
+  if [ ! -x "$prog" ]; then
+    case $ex in
+      uv_workers) why="libuv not found" ;;
+      ev_workers) why="libev not found" ;;
+      *) why="not built" ;;
+    esac
+    echo "ok $n # SKIP $ex: $why"
+    continue
+  fi
+  out=$("$prog" -d 0.5 2>&1)
+  rc=$?
+  if [ $rc -eq 0 ] && printf '%s\n' "$out" | grep -q '^OK'; then
+    echo "ok $n - $ex -d 0.5: accounting exact"
+  else
+    echo "not ok $n - $ex -d 0.5 (exit $rc)"; printf '%s\n' "$out" | sed 's/^/# /'
+  fi
+done
