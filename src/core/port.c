@@ -14,25 +14,28 @@
  *      and xchg(signalled, 1) == 0         run up to min(n, budget) items
  *        write(eventfd, 1)                 if ready is not empty: signal again
  * If dispatch's L misses the waker's token, then P < L < W < R in the seq_cst
- * order and R reads 0: the waker writes the eventfd and the loop comes back.
+ * order and R reads P's 0 (the waker writes the eventfd) or a later 1 (its
+ * writer writes it): the loop comes back.
  * The xchg lets one waker per cycle make the write; the others see 1.
  *
- * A stalled head (its notifier preempted between its claim W and its slot
+ * A stalled head (its waker preempted between its claim W and its slot
  * store S) is seen at the end of dispatch as "pending, head not written".
  * Dispatch does not signal for it (a level-triggered loop would spin until
- * that thread runs again) but hands its notifier the duty:
- *   notifier                               dispatch
- *   store slot (seq_cst, S)                CAS(signalled, 0 -> 0)   (seq_cst, P2)
- *   R as above: load(signalled) ...          (reads 1: a waker writes; done)
- *                                          if slot written (seq_cst load, L2):
- *                                              signal as for work left
- * If L2 misses S then P2 < L2 < S < R in the seq_cst order, so R reads 0
- * (or a later waker's 1, and that waker writes): the eventfd is written
- * after S and the loop comes back for the token. P2 never turns a 1 into a
- * 0, so it opens no second window: still one write per dispatch cycle. A port's evq makes its
- * slot stores seq_cst for this (nq__evq_set_sc_publish).
- * A conflated evq notify claims no slot, but the notify that queued the
- * token did, and that one signals (or dispatch sees its token).
+ * that thread runs again) but leaves the duty to that waker:
+ *   waker                                  dispatch
+ *   store slot (seq_cst, S)                signalled = 0     (P, above)
+ *   R as above: load(signalled) ...        ...
+ *                                          head slot written? (seq_cst, L1)
+ *                                            no: return without a write
+ * If L1 misses S then P < L1 < S < R in the seq_cst order, so R reads P's 0
+ * or a later 1, and whoever wrote that 1 writes the eventfd: the loop comes
+ * back for the token. (The slot's previous value, the consumer's release
+ * store freeing it, happens-before S through the waker's claim, so L1
+ * missing S does place L1 before S.) A port's evq makes its slot stores
+ * seq_cst for this (nq__evq_set_sc_publish). Tokens queued behind a stalled
+ * head wait for it, as they would in any FIFO; so does every wake-up while
+ * a waker is paused between its exchange and its write (the others see 1):
+ * delayed, never lost.
  *
  * Tokens are reused after their item is gone; a stale token can still come
  * out of the evq (a late waker), so dispatch checks each item's own state
@@ -534,19 +537,8 @@ int nq_port_dispatch(nq_port_t *p, unsigned budget) {
      * do: signalling for it would spin a level-triggered loop until that
      * thread runs. Hand its notifier the duty instead (top comment). */
     if (nq__evq_pending(p->ready) > 0) {
-        if (!nq__evq_head_ready(p->ready)) {
-            /* P2: a seq_cst RMW that writes 0 only over 0. A plain store
-             * of 0 over a waker's 1 would open a second signalling window
-             * in this cycle (a second eventfd write); when it reads 1, that
-             * waker writes the eventfd and the loop comes back anyway. */
-            int zero = 0;
-            if (!atomic_compare_exchange_strong_explicit(&p->signalled, &zero, 0,
-                                                         memory_order_seq_cst,
-                                                         memory_order_seq_cst))
-                return ran;
-            if (!nq__evq_head_ready(p->ready)) /* L2 */
-                return ran; /* its notifier's R reads 0 and signals */
-        }
+        if (!nq__evq_head_ready(p->ready)) /* L1, seq_cst, after P */
+            return ran; /* its waker's R comes after P: it signals */
         if (atomic_exchange_explicit(&p->signalled, 1, memory_order_seq_cst) == 0)
             nq__port_write_efd(p);
     }
