@@ -39,58 +39,14 @@
 #include "nq/ev.h"
 #include "nqtest.h"
 
-#define MS      (int64_t)1000000
-#define SEC     (int64_t)1000000000
+#define ADAPTER_HINT "adapter-ev"
+#define ADAPTER_STRESS
+#include "adapter_common.h"
+
 #define LATE_MS 20 /* a timeout may fire up to this much after its deadline */
 #define ROUNDS  5  /* rounds in which each timeout must once be on time */
 
-#define NPROD      4
-#define ENC(id, i) (((int64_t)(id) << 32) | (int64_t)(i))
-#define ENC_ID(a)  ((int)((a) >> 32))
-#define ENC_SEQ(a) ((int64_t)((a)&0xffffffff))
-
 /* --- helpers ------------------------------------------------------------ */
-
-static void sleep_ns(int64_t ns) {
-    struct timespec ts = {(time_t)(ns / SEC), (long)(ns % SEC)};
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
-    }
-}
-
-static nq_queue_t *new_queue(void) {
-    nq_queue_t *q = NULL;
-    cr_assert_eq(nq_queue_new(NULL, &q), 0);
-    return q;
-}
-
-static nq_handle_t reg(nq_queue_t *q, const char *hint) {
-    nq_handle_t h = 0;
-    int rc = nq_register(q, hint, &h);
-    cr_assert_eq(rc, 0, "nq_register: %s", nq_err_name(rc));
-    return h;
-}
-
-static nq_port_t *new_port(void) {
-    nq_port_t *p = NULL;
-    int rc = nq_port_new(&p);
-    cr_assert_eq(rc, 0, "nq_port_new: %s", nq_err_name(rc));
-    return p;
-}
-
-static nq_port_stats_t pstats(const nq_port_t *p) {
-    nq_port_stats_t st;
-    cr_assert_eq(nq_port_stats(p, &st), 0);
-    return st;
-}
-
-static nq_sub_opts_t sopts(uint32_t cap, nq_overflow_t ov) {
-    nq_sub_opts_t o;
-    memset(&o, 0, sizeof(o));
-    o.capacity = cap;
-    o.overflow = ov;
-    o.debug_hint = "adapter-ev";
-    return o;
-}
 
 static int fd_readable(int fd) {
     struct pollfd pf = {fd, POLLIN, 0};
@@ -107,72 +63,6 @@ static void teardown(struct ev_loop *loop, nq_ev_t *w, nq_port_t *p, nq_queue_t 
     nq_queue_free(q);
 }
 
-/* --- producers: NPROD threads notifying one handle ----------------------- */
-
-typedef struct prod prod_t;
-typedef struct prod_arg {
-    prod_t *pr;
-    int id;
-} prod_arg_t;
-
-struct prod {
-    nq_queue_t *q;
-    nq_handle_t h;
-    int64_t count;   /* notifies per thread; 0: until stop */
-    int64_t give_up; /* now_ns() past which a flood stops by itself */
-    atomic_int stop;
-    atomic_int errors; /* nq_notify failed */
-    atomic_int running;
-    _Atomic int64_t sent[NPROD];
-    prod_arg_t arg[NPROD];
-    pthread_t t[NPROD];
-    int n;
-};
-
-static void *prod_main(void *a) {
-    prod_arg_t *pa = a;
-    prod_t *pr = pa->pr;
-    int64_t i = 0;
-    while (pr->count == 0 || i < pr->count) {
-        if (atomic_load_explicit(&pr->stop, memory_order_relaxed))
-            break;
-        if ((i & 255) == 0 && now_ns() > pr->give_up)
-            break;
-        if (nq_notify(pr->q, pr->h, ENC(pa->id, i)) < 0)
-            atomic_fetch_add(&pr->errors, 1);
-        i++;
-    }
-    atomic_store(&pr->sent[pa->id], i);
-    atomic_fetch_sub(&pr->running, 1);
-    return NULL;
-}
-
-static void prod_start(prod_t *pr, nq_queue_t *q, nq_handle_t h, int n, int64_t count) {
-    memset(pr, 0, sizeof(*pr));
-    pr->q = q;
-    pr->h = h;
-    pr->n = n;
-    pr->count = count;
-    pr->give_up = now_ns() + 20 * SEC;
-    atomic_store(&pr->running, n);
-    for (int k = 0; k < n; k++) {
-        pr->arg[k].pr = pr;
-        pr->arg[k].id = k;
-        cr_assert_eq(pthread_create(&pr->t[k], NULL, prod_main, &pr->arg[k]), 0);
-    }
-}
-
-static int64_t prod_join(prod_t *pr) {
-    atomic_store(&pr->stop, 1);
-    int64_t total = 0;
-    for (int k = 0; k < pr->n; k++) {
-        cr_assert_eq(pthread_join(pr->t[k], NULL), 0);
-        total += atomic_load(&pr->sent[k]);
-    }
-    cr_assert_eq(atomic_load(&pr->errors), 0, "nq_notify failed in a producer");
-    return total;
-}
-
 /* A watchdog: a test whose loop should have ended long ago breaks out and
  * fails instead of hanging until the runner's timeout. */
 static int watchdog_fired;
@@ -185,116 +75,11 @@ static void watchdog_cb(struct ev_loop *loop, ev_timer *t, int revents) {
 
 /* --- 1. 100k notifies from four threads --------------------------------- */
 
-typedef struct ssub { /* one port subscription's tally */
-    int per_call;     /* args taken per callback (0: all it holds) */
-    int64_t total;    /* notifies the handle will get */
-    int64_t got;
-    int64_t last[NPROD];
-    int64_t dropped; /* nq_sub_dropped once done (final: all was sent) */
-    long calls, wrong_thread, bad, out_of_order;
-    int done;
-} ssub_t;
-
-typedef struct schain { /* a port wait re-armed in its callback */
-    nq_port_t *p;
-    nq_queue_t *q;
-    nq_handle_t h;
-    int64_t timeout_ms;
-    int64_t total;
-    int64_t last[NPROD];
-    long calls, completed, timeouts, wrong_thread, bad, out_of_order;
-    int done;
-} schain_t;
-
 static struct ev_loop *s_loop;
-static int s_loop_tid;
-static ssub_t s_subs[2];
-static schain_t s_chains[2];
 
-static void stress_maybe_break(void) {
-    for (int i = 0; i < 2; i++)
-        if (!s_subs[i].done || !s_chains[i].done)
-            return;
+/* adapter_common.h's stress callbacks end the run with this. */
+static void stress_stop_loop(void) {
     ev_break(s_loop, EVBREAK_ALL);
-}
-
-static int check_order(int64_t *last, int64_t arg) {
-    int id = ENC_ID(arg);
-    if (id < 0 || id >= NPROD)
-        return -1;
-    int64_t i = ENC_SEQ(arg);
-    if (i <= last[id])
-        return 1;
-    last[id] = i;
-    return 0;
-}
-
-static void stress_sub_cb(nq_sub_t *s, void *data) {
-    ssub_t *r = data;
-    r->calls++;
-    if (cur_tid() != s_loop_tid)
-        r->wrong_thread++;
-    int took = 0;
-    for (;;) {
-        int64_t buf[64];
-        size_t want = 64;
-        if (r->per_call > 0) {
-            if (took >= r->per_call)
-                break;
-            if ((size_t)(r->per_call - took) < want)
-                want = (size_t)(r->per_call - took);
-        }
-        int n = nq_sub_recv_batch(s, buf, want);
-        if (n < 0)
-            r->bad++;
-        if (n <= 0)
-            break;
-        for (int k = 0; k < n; k++) {
-            int o = check_order(r->last, buf[k]);
-            r->bad += o < 0;
-            r->out_of_order += o > 0;
-        }
-        r->got += n;
-        took += n;
-    }
-    if (!r->done && r->got + (int64_t)nq_sub_dropped(s) >= r->total) {
-        r->done = 1;
-        r->dropped = (int64_t)nq_sub_dropped(s);
-        stress_maybe_break();
-    }
-}
-
-static void stress_wait_cb(void *data, int status, int64_t arg) {
-    schain_t *r = data;
-    r->calls++;
-    if (cur_tid() != s_loop_tid)
-        r->wrong_thread++;
-    if (status == 0) {
-        r->completed++;
-        int o = check_order(r->last, arg);
-        r->bad += o < 0;
-        r->out_of_order += o > 0;
-    } else if (status == NQ_ETIMEDOUT) {
-        r->timeouts++; /* a stalled machine; the chain goes on */
-    } else {
-        r->bad++;
-        r->done = 1;
-        stress_maybe_break();
-        return;
-    }
-    uint64_t seq = 0;
-    if (nq_seq(r->q, r->h, &seq) < 0)
-        r->bad++;
-    if ((int64_t)seq >= r->total) {
-        r->done = 1; /* every notification is in: the chain ends */
-        stress_maybe_break();
-        return;
-    }
-    if (nq_port_wait(r->p, r->q, r->h, seq, r->timeout_ms, stress_wait_cb, r, NULL) < 0) {
-        r->bad++;
-        r->done = 1;
-        stress_maybe_break();
-    }
 }
 
 Test(adapter_ev, notifies_from_four_threads_run_on_the_loop_thread_once_each_in_order,
@@ -304,7 +89,6 @@ Test(adapter_ev, notifies_from_four_threads_run_on_the_loop_thread_once_each_in_
     struct ev_loop *loop = ev_loop_new(0);
     cr_assert_not_null(loop);
     s_loop = loop;
-    s_loop_tid = cur_tid();
     nq_queue_t *q = new_queue();
     nq_handle_t h = reg(q, "stress");
     nq_port_t *p = new_port();
@@ -312,32 +96,9 @@ Test(adapter_ev, notifies_from_four_threads_run_on_the_loop_thread_once_each_in_
     cr_assert_eq(nq_ev_init(&w, p), 0);
     cr_assert_eq(nq_ev_start(loop, &w), 0);
 
-    /* Two subscriptions: one drains all it holds and has room for every
-     * notify (so it must receive each exactly once), one takes 16 a call
-     * (256 args, drop oldest; called again while it holds more). Two wait
-     * chains: one without a timeout, one whose 5 s timeout keeps the
-     * adapter's ev_timer armed and re-armed. */
-    memset(s_subs, 0, sizeof(s_subs));
-    memset(s_chains, 0, sizeof(s_chains));
-    nq_sub_t *held = NULL;
-    for (int i = 0; i < 2; i++) {
-        s_subs[i].total = total;
-        s_subs[i].per_call = i == 0 ? 0 : 16;
-        for (int k = 0; k < NPROD; k++)
-            s_subs[i].last[k] = -1;
-        nq_sub_opts_t o = i == 0 ? sopts(1u << 17, NQ_DROP_NEWEST) : sopts(256, NQ_DROP_OLDEST);
-        cr_assert_eq(
-            nq_port_subscribe(p, q, h, &o, stress_sub_cb, &s_subs[i], i == 0 ? &held : NULL), 0);
-        s_chains[i] = (schain_t){.p = p,
-                                 .q = q,
-                                 .h = h,
-                                 .timeout_ms = i == 0 ? -1 : 5000,
-                                 .total = total,
-                                 .last = {-1, -1, -1, -1}};
-        cr_assert_eq(
-            nq_port_wait(p, q, h, 0, s_chains[i].timeout_ms, stress_wait_cb, &s_chains[i], NULL),
-            0);
-    }
+    /* stress_arm's 5 s wait chain keeps the adapter's ev_timer armed and
+     * re-armed. */
+    nq_sub_t *held = stress_arm(p, q, h, total);
     ev_timer dog;
     watchdog_fired = 0;
     ev_timer_init(&dog, watchdog_cb, 30., 0.);
@@ -351,42 +112,7 @@ Test(adapter_ev, notifies_from_four_threads_run_on_the_loop_thread_once_each_in_
 
     cr_assert_not(watchdog_fired, "the loop did not see every notification in 30 s");
     cr_assert_eq(sent, total);
-    long callbacks = 0;
-    for (int i = 0; i < 2; i++) {
-        ssub_t *r = &s_subs[i];
-        cr_assert_eq(r->wrong_thread, 0, "sub %d: callback off the loop thread", i);
-        cr_assert_eq(r->bad, 0, "sub %d: bad arg or receive error", i);
-        cr_assert_eq(r->out_of_order, 0, "sub %d: %ld args out of order or twice", i,
-                     r->out_of_order);
-        schain_t *c = &s_chains[i];
-        cr_assert_eq(c->wrong_thread, 0, "wait chain %d: callback off the loop thread", i);
-        cr_assert_eq(c->bad, 0, "wait chain %d: bad status, arg or re-arm", i);
-        cr_assert_eq(c->out_of_order, 0, "wait chain %d: arg out of order", i);
-        cr_assert_gt(c->completed, 0);
-        callbacks += r->calls + c->calls;
-    }
-    /* Exactly once: what each subscription received plus what it dropped is
-     * what was sent (a duplicate would be out of order, a loss a shortfall). */
-    cr_assert_eq(s_subs[0].dropped, 0, "room for all: nothing dropped");
-    cr_assert_eq(nq_sub_dropped(held), 0);
-    for (int i = 0; i < 2; i++) {
-        cr_assert(s_subs[i].done);
-        cr_assert_eq(s_subs[i].got + s_subs[i].dropped, total, "sub %d: %lld + %lld dropped", i,
-                     (long long)s_subs[i].got, (long long)s_subs[i].dropped);
-        cr_assert_gt(s_subs[i].got, 0);
-    }
-
-    nq_port_stats_t st = pstats(p);
-    cr_assert_eq(st.callbacks, (uint64_t)callbacks);
-    cr_assert_leq(st.efd_writes, st.dispatches + 1, "efd_writes %llu, dispatches %llu",
-                  (unsigned long long)st.efd_writes, (unsigned long long)st.dispatches);
-    cr_log_info("stress: subs got %lld+%lld dropped, %lld+%lld dropped; waits %ld, %ld (%ld "
-                "timed out); %llu dispatches, %llu efd writes",
-                (long long)s_subs[0].got, (long long)s_subs[0].dropped, (long long)s_subs[1].got,
-                (long long)s_subs[1].dropped, s_chains[0].completed, s_chains[1].completed,
-                s_chains[1].timeouts, (unsigned long long)st.dispatches,
-                (unsigned long long)st.efd_writes);
-    cr_assert_eq(st.live_items, 2, "the two subscriptions; every wait was released");
+    stress_check(p, held, total);
 
     nq_sub_close(held);
     teardown(loop, &w, p, q);

@@ -43,59 +43,10 @@
 #include "nq/uv.h"
 #include "nqtest.h"
 
-#define MS  (int64_t)1000000
-#define SEC (int64_t)1000000000
+#define ADAPTER_HINT "uv-test"
+#include "adapter_common.h"
 
 /* --- helpers ------------------------------------------------------------ */
-
-static void sleep_ns(int64_t ns) {
-    struct timespec ts = {(time_t)(ns / SEC), (long)(ns % SEC)};
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
-    }
-}
-
-static nq_queue_t *new_queue(void) {
-    nq_queue_t *q = NULL;
-    int rc = nq_queue_new(NULL, &q);
-    cr_assert_eq(rc, 0, "nq_queue_new: %s", nq_err_name(rc));
-    return q;
-}
-
-static nq_handle_t reg(nq_queue_t *q) {
-    nq_handle_t h = 0;
-    int rc = nq_register(q, "uv-test", &h);
-    cr_assert_eq(rc, 0, "nq_register: %s", nq_err_name(rc));
-    return h;
-}
-
-static nq_port_t *new_port(void) {
-    nq_port_t *p = NULL;
-    int rc = nq_port_new(&p);
-    cr_assert_eq(rc, 0, "nq_port_new: %s", nq_err_name(rc));
-    cr_assert_not_null(p);
-    return p;
-}
-
-static nq_port_stats_t pstats(const nq_port_t *p) {
-    nq_port_stats_t st;
-    cr_assert_eq(nq_port_stats(p, &st), 0);
-    return st;
-}
-
-static nq_stats_t qstats(const nq_queue_t *q) {
-    nq_stats_t st;
-    cr_assert_eq(nq_queue_stats(q, &st), 0);
-    return st;
-}
-
-static nq_sub_opts_t sub_opts(uint32_t cap, nq_overflow_t ov) {
-    nq_sub_opts_t o;
-    memset(&o, 0, sizeof(o));
-    o.capacity = cap;
-    o.overflow = ov;
-    o.debug_hint = "uv-test";
-    return o;
-}
 
 static void uv_init_ok(uv_loop_t *loop, nq_uv_t *h, nq_port_t *port) {
     int rc = nq_uv_init(loop, h, port);
@@ -380,14 +331,14 @@ static void st_run(unsigned budget) {
     cr_assert_eq(uv_check_start(&check, st_check_cb), 0);
     uv_unref((uv_handle_t *)&check);
     for (int p = 0; p < ST_PRODUCERS; p++) {
-        st.h[p] = reg(st.q);
+        st.h[p] = reg(st.q, "uv-test");
         st.big_next[p] = 0;
         st.small_last[p] = -1;
         st.wait_last[p] = -1;
         for (int k = 0; k < ST_KINDS; k++)
             st.items[k][p] = (struct st_item){p, k};
-        nq_sub_opts_t big = sub_opts(ST_BIG_CAP, NQ_DROP_NEWEST);
-        nq_sub_opts_t small = sub_opts(ST_SMALL_CAP, p % 2 ? NQ_DROP_OLDEST : NQ_DROP_NEWEST);
+        nq_sub_opts_t big = sopts(ST_BIG_CAP, NQ_DROP_NEWEST);
+        nq_sub_opts_t small = sopts(ST_SMALL_CAP, p % 2 ? NQ_DROP_OLDEST : NQ_DROP_NEWEST);
         cr_assert_eq(
             nq_port_subscribe(st.port, st.q, st.h[p], &big, st_big_cb, &st.items[ST_BIG][p], NULL),
             0);
@@ -550,8 +501,8 @@ static int tm_attempt(int variant) {
     tm.loop = &loop;
     tm.loop_tid = cur_tid();
     tm.q = new_queue();
-    tm.h = reg(tm.q);
-    tm.hb = reg(tm.q);
+    tm.h = reg(tm.q, "uv-test");
+    tm.hb = reg(tm.q, "uv-test");
     tm.port = new_port();
     if (variant == TM_BEFORE_INIT) {
         tm_arm(60);
@@ -777,9 +728,9 @@ static void cl_run(int close_from, int free_in_close_cb) {
     cr_assert_not_null(cl.uvh);
     uv_init_ok(&loop, cl.uvh, cl.port);
     for (int j = 0; j < CL_HANDLES; j++) {
-        cl.h[j] = reg(cl.q);
+        cl.h[j] = reg(cl.q, "uv-test");
         cl.items[j] = j;
-        nq_sub_opts_t o = sub_opts(256, NQ_DROP_OLDEST);
+        nq_sub_opts_t o = sopts(256, NQ_DROP_OLDEST);
         cr_assert_eq(nq_port_subscribe(cl.port, cl.q, cl.h[j], &o, cl_sub_cb, NULL, NULL), 0);
         cr_assert_eq(
             nq_port_wait(cl.port, cl.q, cl.h[j], NQ_SEQ_NEXT, -1, cl_wait_cb, &cl.items[j], NULL),
@@ -890,10 +841,10 @@ Test(adapter_uv, close_inside_a_callback_ends_that_dispatch_and_a_new_adapter_ge
     nq_port_t *port = new_port();
     nq_handle_t h[CD_ITEMS];
     for (int i = 0; i < CD_ITEMS; i++) {
-        h[i] = reg(q);
+        h[i] = reg(q, "uv-test");
         cd.items[i] = i;
         if (i % 2) {
-            nq_sub_opts_t o = sub_opts(8, NQ_DROP_NEWEST);
+            nq_sub_opts_t o = sopts(8, NQ_DROP_NEWEST);
             cr_assert_eq(nq_port_subscribe(port, q, h[i], &o, cd_sub_cb, &cd.items[i], NULL), 0);
         } else {
             cr_assert_eq(
@@ -986,10 +937,10 @@ Test(adapter_uv, close_and_free_the_port_inside_a_callback, .timeout = 30) {
     cf.port = new_port();
     nq_handle_t h[CD_ITEMS];
     for (int i = 0; i < CD_ITEMS; i++) {
-        h[i] = reg(q);
+        h[i] = reg(q, "uv-test");
         cf.items[i] = i;
         if (i % 2) {
-            nq_sub_opts_t o = sub_opts(8, NQ_DROP_NEWEST);
+            nq_sub_opts_t o = sopts(8, NQ_DROP_NEWEST);
             cr_assert_eq(nq_port_subscribe(cf.port, q, h[i], &o, cf_sub_cb, &cf.items[i], NULL), 0);
         } else {
             cr_assert_eq(
@@ -1081,7 +1032,7 @@ Test(adapter_uv, second_adapter_or_attach_on_an_attached_port_is_ebusy) {
     loop_init(&loop);
     loop_init(&loop2);
     nq_queue_t *q = new_queue();
-    nq_handle_t hd = reg(q);
+    nq_handle_t hd = reg(q, "uv-test");
     nq_port_t *port = new_port();
     nq_uv_t h1, h2;
     memset(&h1, 0, sizeof(h1));
@@ -1161,7 +1112,7 @@ Test(adapter_uv, port_can_be_attached_again_after_close_cb) {
     uv_loop_t loop;
     loop_init(&loop);
     nq_queue_t *q = new_queue();
-    nq_handle_t hd = reg(q);
+    nq_handle_t hd = reg(q, "uv-test");
     nq_port_t *port = new_port();
     nq_uv_t h1, h2;
     memset(&h1, 0, sizeof(h1));
@@ -1232,7 +1183,7 @@ Test(adapter_uv, unreferenced_handle_alone_lets_run_default_return_at_once, .tim
     uv_loop_t loop;
     loop_init(&loop);
     nq_queue_t *q = new_queue();
-    nq_handle_t hd = reg(q);
+    nq_handle_t hd = reg(q, "uv-test");
     nq_port_t *port = new_port();
     nq_uv_t h;
     memset(&h, 0, sizeof(h));
@@ -1323,7 +1274,7 @@ Test(adapter_uv, run_once_blocks_until_the_port_fd_is_readable_then_runs_callbac
     uv_loop_t loop;
     loop_init(&loop);
     nq_queue_t *q = new_queue();
-    nq_handle_t hd = reg(q);
+    nq_handle_t hd = reg(q, "uv-test");
     nq_port_t *port = new_port();
     nq_uv_t h;
     memset(&h, 0, sizeof(h));
@@ -1358,7 +1309,7 @@ Test(adapter_uv, run_once_that_wakes_for_a_timeout_runs_its_callback, .timeout =
     uv_loop_t loop;
     loop_init(&loop);
     nq_queue_t *q = new_queue();
-    nq_handle_t hd = reg(q);
+    nq_handle_t hd = reg(q, "uv-test");
     nq_port_t *port = new_port();
     nq_uv_t h;
     memset(&h, 0, sizeof(h));
@@ -1394,14 +1345,14 @@ Test(adapter_uv, run_nowait_runs_what_is_ready_and_returns, .timeout = 30) {
     uv_loop_t loop;
     loop_init(&loop);
     nq_queue_t *q = new_queue();
-    nq_handle_t hw = reg(q), hs = reg(q);
+    nq_handle_t hw = reg(q, "uv-test"), hs = reg(q, "uv-test");
     nq_port_t *port = new_port();
     nq_uv_t h;
     memset(&h, 0, sizeof(h));
     uv_init_ok(&loop, &h, port);
     rf_calls = 0;
     rf_sub_calls = 0;
-    nq_sub_opts_t o = sub_opts(4, NQ_DROP_NEWEST);
+    nq_sub_opts_t o = sopts(4, NQ_DROP_NEWEST);
     cr_assert_eq(nq_port_subscribe(port, q, hs, &o, rf_sub_cb, NULL, NULL), 0);
     cr_assert_eq(nq_port_wait(port, q, hw, NQ_SEQ_NEXT, -1, rf_wait_cb, NULL, NULL), 0);
     /* nothing ready: returns at once */
@@ -1438,7 +1389,7 @@ Test(adapter_uv, unreferenced_handle_still_delivers_while_the_loop_runs, .timeou
     uv_loop_t loop;
     loop_init(&loop);
     nq_queue_t *q = new_queue();
-    nq_handle_t hd = reg(q);
+    nq_handle_t hd = reg(q, "uv-test");
     nq_port_t *port = new_port();
     nq_uv_t h;
     memset(&h, 0, sizeof(h));
@@ -1562,8 +1513,8 @@ static void fl_run(unsigned budget) {
      * subscription's token is pending at most once */
     fl.cap = budget != 0 ? budget : FL_HANDLES;
     for (int j = 0; j < FL_HANDLES; j++) {
-        fl.h[j] = reg(fl.q);
-        nq_sub_opts_t o = sub_opts(64, NQ_DROP_NEWEST);
+        fl.h[j] = reg(fl.q, "uv-test");
+        nq_sub_opts_t o = sopts(64, NQ_DROP_NEWEST);
         cr_assert_eq(nq_port_subscribe(fl.port, fl.q, fl.h[j], &o, fl_sub_cb, &fl.h[j], NULL), 0);
     }
     pthread_t th[FL_PRODUCERS];
@@ -1632,7 +1583,7 @@ Test(adapter_uv, budget_1_runs_one_callback_per_loop_iteration) {
     uv_loop_t loop;
     loop_init(&loop);
     nq_queue_t *q = new_queue();
-    nq_handle_t hd = reg(q);
+    nq_handle_t hd = reg(q, "uv-test");
     nq_port_t *port = new_port();
     nq_uv_t h;
     memset(&h, 0, sizeof(h));
