@@ -396,6 +396,7 @@ static void b_on_fd(eloop_t *l, uint64_t tag) {
 Test(adapter_epoll, deadlines_stay_on_time_while_another_fd_keeps_epoll_wait_returning,
      .timeout = 30) {
     int ok[3] = {0, 0, 0}; /* each timeout on time in some round */
+    int starved = 0;       /* rounds in which the busy fd hardly fired */
     for (int round = 0; round < ROUNDS && !(ok[0] && ok[1] && ok[2]); round++) {
         t_setup();
         E.on_fd = b_on_fd;
@@ -421,15 +422,23 @@ Test(adapter_epoll, deadlines_stay_on_time_while_another_fd_keeps_epoll_wait_ret
         /* The busy fd woke the loop again and again (every 200 us in
          * theory), and the deadlines were served with the port's fd quiet:
          * through nq_port_timeout_ms() == 0 after epoll_wait. */
-        cr_assert_geq(b_served, 20, "only %ld wakeups by the busy fd", b_served);
         cr_assert_eq(E.nq_events, 0, "%ld wakeups by the port's fd", E.nq_events);
-        ok[0] |= t_on_time(&r[0], "100 ms");
-        ok[1] |= t_on_time(&r[1], "50 ms");
-        ok[2] |= t_on_time(&r[2], "30 ms");
+        if (b_served >= 20) {
+            ok[0] |= t_on_time(&r[0], "100 ms");
+            ok[1] |= t_on_time(&r[1], "50 ms");
+            ok[2] |= t_on_time(&r[2], "30 ms");
+        } else {
+            /* The writer thread hardly ran (a crowded machine): this round
+             * did not test what it is for. Try another. */
+            starved++;
+            cr_log_info("round %d: only %ld wakeups by the busy fd", round, b_served);
+        }
         cr_assert_eq(close(b_busy.fd), 0);
         t_teardown();
     }
-    cr_assert(ok[0] && ok[1] && ok[2], "a timeout fired late in each of %d rounds", ROUNDS);
+    cr_assert(ok[0] && ok[1] && ok[2],
+              "a timeout fired late in each of %d rounds (%d of them with the busy fd starved)",
+              ROUNDS, starved);
 }
 
 /* --- 3. nq_epoll_del ------------------------------------------------------ */
