@@ -729,6 +729,56 @@ Test(adapter_ev, ev_unref_lets_ev_run_return_with_a_deadline_pending, .timeout =
     ev_loop_destroy(k_loop);
 }
 
+/* A port callback that runs a nested ev_run (nq__ev_dispatch allows it)
+ * waiting 20 ms for a timer: the port's fd must not stay readable through
+ * it, or libev's level-triggered io watcher fires every iteration (the
+ * nested dispatch is refused with NQ_EBUSY) and the nested loop spins. */
+static struct ev_loop *n_loop;
+static int n_fired;
+static unsigned n_iters;
+static void n_on_timer(struct ev_loop *l, ev_timer *t, int ev) {
+    (void)l, (void)t, (void)ev;
+    n_fired = 1;
+}
+static void n_cb(nq_sub_t *s, void *d) {
+    (void)d;
+    int64_t v;
+    while (nq_sub_try_recv(s, &v) == 0) {
+    }
+    if (n_iters != 0)
+        return;
+    ev_timer t;
+    ev_timer_init(&t, n_on_timer, 0.02, 0);
+    ev_timer_start(n_loop, &t);
+    unsigned i0 = ev_iteration(n_loop);
+    while (!n_fired)
+        ev_run(n_loop, EVRUN_ONCE);
+    n_iters = ev_iteration(n_loop) - i0;
+    ev_break(n_loop, EVBREAK_ALL);
+}
+Test(adapter_ev, a_nested_ev_run_in_a_port_callback_does_not_spin_on_the_fd, .timeout = 30) {
+    n_loop = ev_loop_new(EVFLAG_AUTO);
+    nq_queue_t *q = new_queue();
+    nq_handle_t h = reg(q, "nested");
+    nq_port_t *p = new_port();
+    nq_sub_opts_t o = {0};
+    o.capacity = 16;
+    nq_sub_t *s = NULL;
+    cr_assert_eq(nq_port_subscribe(p, q, h, &o, n_cb, NULL, &s), 0);
+    nq_ev_t w;
+    cr_assert_eq(nq_ev_init(&w, p), 0);
+    cr_assert_eq(nq_ev_start(n_loop, &w), 0);
+    cr_assert_geq(nq_notify(q, h, 1), 0);
+    ev_run(n_loop, 0);
+    cr_assert(n_fired);
+    cr_assert_lt(n_iters, 10, "the nested ev_run spun %u times in 20 ms", n_iters);
+    nq_ev_close(&w);
+    nq_sub_close(s);
+    nq_port_free(p);
+    nq_queue_free(q);
+    ev_loop_destroy(n_loop);
+}
+
 /* --- 6. fairness ---------------------------------------------------------- */
 
 /* Four subscriptions on one handle, each taking one arg a callback, start

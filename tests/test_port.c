@@ -1196,6 +1196,41 @@ Test(port, a_timeout_costs_no_eventfd_write) {
     nq_queue_free(q);
 }
 
+/* Sustained load: while a dispatch leaves work it can run, the fd stays
+ * readable untouched: no eventfd read, no write, whatever the number of
+ * dispatches (the syscall target of the benchmark issue). The last one,
+ * going idle, reads it once and leaves it quiet. */
+Test(port, sustained_work_costs_no_syscall_per_dispatch) {
+    setup();
+    nq_queue_t *q = new_queue();
+    nq_port_t *p = new_port();
+    nq_handle_t h = reg(q);
+    srec_t r = {0};
+    r.per_call = 1; /* level-triggered: called again while it holds args */
+    psub(p, q, h, 1000, &r, NULL);
+    for (int i = 0; i < 1000; i++)
+        cr_assert_eq(nq_notify(q, h, i), 1);
+    nq_port_stats_t before = pstats(p);
+    cr_assert_eq(before.efd_writes, 1, "1000 notifies, one wake-up");
+    int dispatches = 0;
+    while (r.calls < 1000 && dispatches < 2000) {
+        cr_assert(readable(p), "work left, but the fd went quiet");
+        dispatch(p, 0);
+        dispatches++;
+    }
+    cr_assert_eq(r.calls, 1000);
+    nq_port_stats_t mid = pstats(p);
+    cr_assert_leq(mid.efd_reads + mid.efd_writes - before.efd_writes, 1,
+                  "%llu reads and %llu writes in %d dispatches with work left",
+                  (unsigned long long)mid.efd_reads,
+                  (unsigned long long)(mid.efd_writes - before.efd_writes), dispatches);
+    dispatch(p, 0); /* nothing left: goes idle */
+    cr_assert_not(readable(p));
+    cr_assert_eq(pstats(p).efd_reads, 1);
+    port_free(p);
+    nq_queue_free(q);
+}
+
 /* A waker preempted between claiming its evq slot and storing its token
  * stalls the evq's head: dispatch can run nothing behind it. It must not
  * keep the fd readable for it (a level-triggered loop would spin until that

@@ -5,38 +5,50 @@
  * thread; every other port function is also called on that thread. Wakers
  * (nq__port_signal) run on any thread.
  *
- * Wake-up protocol: at most one eventfd write per dispatch cycle.
- *   waker (any thread)                     dispatch (loop thread)
- *   nq_evq_notify(ready, token)            read(eventfd)
- *     -- its fetch_add claiming a ring     signalled = 0            (seq_cst, P)
- *        slot is seq_cst (W)               n = pending(ready): reads the evq's
- *   if load(signalled) == 0  (seq_cst, R)      tail with seq_cst    (L)
- *      and xchg(signalled, 1) == 0         run up to min(n, budget) items
- *        write(eventfd, 1)                 if ready is not empty: signal again
- * If dispatch's L misses the waker's token, then P < L < W < R in the seq_cst
- * order and R reads P's 0 (the waker writes the eventfd) or a later 1 (its
- * writer writes it): the loop comes back.
- * The xchg lets one waker per cycle make the write; the others see 1.
- *
- * A stalled head (its waker preempted between its claim W and its slot
- * store S) is seen at the end of dispatch as "pending, head not written".
- * Dispatch does not signal for it (a level-triggered loop would spin until
- * that thread runs again) but leaves the duty to that waker:
- *   waker                                  dispatch
- *   store slot (seq_cst, S)                signalled = 0     (P, above)
- *   R as above: load(signalled) ...        ...
- *                                          head slot written? (seq_cst, L1)
- *                                            no: return without a write
- * If L1 misses S then P < L1 < S < R in the seq_cst order, so R reads P's 0
- * or a later 1, and whoever wrote that 1 writes the eventfd: the loop comes
- * back for the token. (The slot's previous value, the consumer's release
- * store freeing it, happens-before S through the waker's claim, so L1
- * missing S does place L1 before S.) A port's evq makes its slot stores
- * seq_cst for this (nq__evq_set_sc_publish). Tokens queued behind a stalled
- * head wait for it, as they would in any FIFO; so does every wake-up while
- * a waker is paused between its exchange and its write (the others see 1):
- * delayed, never lost.
- *
+ * Wake-up protocol: at most one eventfd write per signalling window, and
+ * no syscall at all while the loop has work left.
+ *   waker (any thread)                     dispatch (loop thread), at its end
+ *   nq_evq_notify(ready, token)            if the head of ready is written:
+ *     -- its fetch_add claiming a ring         work left: if signalled == 0,
+ *        slot is seq_cst (W), then its         xchg it to 1 and write(eventfd);
+ *        slot store (S, seq_cst)               return (no read, no write
+ *   if load(signalled) == 0  (seq_cst, R)      while signalled is 1)
+ *      and xchg(signalled, 1) == 0         else, going idle:
+ *        write(eventfd, 1)                     read(eventfd)        (clear it)
+ *                                              signalled = 0        (seq_cst, P)
+ *                                              if pending(ready) > 0 (L: tail,
+ *                                                 seq_cst) and the head is
+ *                                                 written (L1, seq_cst):
+ *                                                 xchg(signalled, 1), write
+ *   I1  signalled == 1 means an eventfd write after the last read has been
+ *       or will be made: only P (right after the read) stores 0, and every
+ *       0 -> 1 exchange is followed by its winner's write. So the "work
+ *       left" return keeps the fd readable without touching it. The one
+ *       other reader is a nested dispatch (a loop run inside a callback,
+ *       refused with NQ_EBUSY): it clears the fd so the nested loop does not
+ *       spin, and the outer dispatch then reopens the window (a P) before
+ *       it trusts signalled again.
+ *   I2  No lost wake-up: if L misses a waker's claim, P < L < W < R in the
+ *       seq_cst order, so R reads P's 0 (the waker writes) or a later 1 (its
+ *       writer writes). A conflated notify claims nothing, but the notify
+ *       that queued its token did, and that one signals (or L sees it).
+ *   I3  Writes <= windows: a write needs a 0 -> 1 exchange, and only P opens
+ *       a window, once per idle dispatch: efd_writes <= dispatches + 1.
+ * A stalled head (its waker preempted between its claim W and its store S)
+ * is not work we can run: dispatch takes the idle path and does not signal
+ * for it (a level-triggered loop would spin until that thread runs again).
+ * If L1 misses S then P < L1 < S < R, so that waker's R reads 0 or a later
+ * 1 and the eventfd is written once the token is there. (The slot's
+ * previous value, the consumer's release store freeing it, happens-before S
+ * through the waker's claim, so L1 missing S does place L1 before S.) A
+ * port's evq makes its slot stores seq_cst for this
+ * (nq__evq_set_sc_publish). Tokens behind a stalled head wait for it, as in
+ * any FIFO; so does every wake-up while a waker is paused between its
+ * exchange and its write (the others see 1): delayed, never lost.
+ * The eventfd is read only when going idle, never at the start: a write
+ * that lands after that read (a waker that exchanged before P) leaves the
+ * fd readable, and the next dispatch, with nothing to run, reads it again.
+
  * Tokens are reused after their item is gone; a stale token can still come
  * out of the evq (a late waker), so dispatch checks each item's own state
  * and treats a token that names nothing due as spurious.
@@ -80,6 +92,7 @@ struct nq_port {
     int in_dispatch;
     int free_deferred;
     int detached_in_dispatch; /* the owner let go inside a callback: stop */
+    int efd_cleared; /* a nested dispatch read the fd: I1 is off until the end */
     void (*deadline_cb)(nq_port_t *p, void *data);
     void *deadline_data;
     const void *owner; /* the adapter attached, if any */
@@ -483,25 +496,24 @@ static void nq__port_destroy(nq_port_t *p);
 int nq_port_dispatch(nq_port_t *p, unsigned budget) {
     if (p == NULL)
         return NQ_EINVAL;
-    if (p->in_dispatch)
-        return NQ_EBUSY; /* from inside one of its own callbacks */
-    p->in_dispatch = 1;
-    atomic_fetch_add_explicit(&p->dispatches, 1, memory_order_relaxed);
-
-    /* Read (clear) the eventfd every time, even if signalled reads 0: a
-     * waker sets signalled before it writes, so a write can land after a
-     * dispatch that already ran its callback; skipping the read then would
-     * leave the fd readable with nothing pending, and a level-triggered loop
-     * would spin. Non-blocking: an empty read costs EAGAIN, nothing else. */
-    {
+    if (p->in_dispatch) {
+        /* From inside one of its own callbacks: a nested loop saw the fd
+         * readable (it stays so while the outer dispatch runs). Clear it, or
+         * a level-triggered nested loop spins; the outer dispatch no longer
+         * trusts signalled (I1) and re-signals at its end if work is left. */
         uint64_t v;
         int saved = errno;
         if (read(p->efd, &v, sizeof(v)) == (ssize_t)sizeof(v))
             atomic_fetch_add_explicit(&p->efd_reads, 1, memory_order_relaxed);
         errno = saved;
+        p->efd_cleared = 1;
+        return NQ_EBUSY;
     }
-    /* P: seq_cst, before L (nq__evq_pending reads the tail with seq_cst). */
-    atomic_store_explicit(&p->signalled, 0, memory_order_seq_cst);
+    p->in_dispatch = 1;
+    atomic_fetch_add_explicit(&p->dispatches, 1, memory_order_relaxed);
+
+    /* Budget 0: what is queued now. The eventfd is not read here: see the
+     * end, and the top comment. */
     uint64_t limit = nq__evq_pending(p->ready);
     if (budget != 0 && budget < limit)
         limit = budget;
@@ -531,16 +543,36 @@ int nq_port_dispatch(nq_port_t *p, unsigned budget) {
         nq__port_destroy(p);
         return ran;
     }
-    /* Work left (budget, re-armed subscriptions): keep the fd readable so
-     * the loop comes back. But a head claimed and not yet written (its
-     * notifier was preempted between claim and store) is not work we can
-     * do: signalling for it would spin a level-triggered loop until that
-     * thread runs. Hand its notifier the duty instead (top comment). */
-    if (nq__evq_pending(p->ready) > 0) {
-        if (!nq__evq_head_ready(p->ready)) /* L1, seq_cst, after P */
-            return ran; /* its waker's R comes after P: it signals */
+    /* Work left that we can run (a budget, re-armed subscriptions): the
+     * fd must stay readable so the loop comes back. It is, while signalled
+     * is 1 (I1 at the top), so sustained load costs no syscall at all. */
+    if (nq__evq_head_ready(p->ready)) {
+        if (p->efd_cleared) { /* a nested call read the fd: reopen (P) */
+            p->efd_cleared = 0;
+            atomic_store_explicit(&p->signalled, 0, memory_order_seq_cst);
+        }
+        if (atomic_load_explicit(&p->signalled, memory_order_seq_cst) == 0 &&
+            atomic_exchange_explicit(&p->signalled, 1, memory_order_seq_cst) == 0)
+            nq__port_write_efd(p); /* a loop-thread re-notify after a quiet spell */
+        return ran;
+    }
+    p->efd_cleared = 0; /* the read below supersedes it */
+    /* Going idle (or a stalled head): clear the eventfd, then reopen the
+     * signalling window (P) and look again (L). Non-blocking: an empty
+     * read (a dispatch the loop's timer made) costs EAGAIN, nothing else. */
+    {
+        uint64_t v;
+        int saved = errno;
+        if (read(p->efd, &v, sizeof(v)) == (ssize_t)sizeof(v))
+            atomic_fetch_add_explicit(&p->efd_reads, 1, memory_order_relaxed);
+        errno = saved;
+    }
+    atomic_store_explicit(&p->signalled, 0, memory_order_seq_cst); /* P */
+    if (nq__evq_pending(p->ready) > 0) {                            /* L */
+        if (!nq__evq_head_ready(p->ready))                          /* L1 */
+            return ran; /* a stalled head: its waker's R comes after P */
         if (atomic_exchange_explicit(&p->signalled, 1, memory_order_seq_cst) == 0)
-            nq__port_write_efd(p);
+            nq__port_write_efd(p); /* queued while we cleared */
     }
     return ran;
 }

@@ -64,10 +64,12 @@ static void nq__ev_dispatch(nq_ev_t *w) {
     /* libev lets a callback stop and free its own watcher; a port callback
      * may nq_ev_close w and free it. nq_ev_close says so through this flag
      * on our stack, and we touch w no more. */
-    if (w->nq__closed != NULL)
+    if (w->nq__closed != NULL) {
+        (void)nq_port_dispatch(w->nq__port, 0); /* NQ_EBUSY: clears the fd */
         return; /* a nested ev_run inside a port callback: the dispatch
                    running outside would refuse us (NQ_EBUSY) and we must
                    not overwrite its flag */
+    }
     int closed = 0;
     w->nq__closed = &closed;
     (void)nq_port_dispatch(w->nq__port, w->nq__budget);
