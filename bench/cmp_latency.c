@@ -173,6 +173,14 @@ static void resp_ready(int ok) {
     pthread_barrier_wait(&R.bar);
 }
 
+/* A responder's start: pinned, then its readiness told; 0 when pinning
+ * failed (the responder then returns at once). */
+static int resp_start(void) {
+    int ok = resp_pin() == 0;
+    resp_ready(ok);
+    return ok;
+}
+
 /* Before freeing what the worker's last send touches (a uv_async, an ev
  * loop, an fd): that send must have returned. */
 static void resp_wait_sender(void) {
@@ -408,9 +416,7 @@ static void *nq_epoll_main(void *arg) {
 
 static void *nq_sub_main(void *arg) {
     (void)arg;
-    int ok = resp_pin() == 0;
-    resp_ready(ok);
-    if (!ok)
+    if (!resp_start())
         return NULL;
     for (;;) {
         int64_t v;
@@ -523,9 +529,7 @@ static int eva_setup(void) {
 
 static void *eva_main(void *arg) {
     (void)arg;
-    int ok = resp_pin() == 0;
-    resp_ready(ok);
-    if (!ok)
+    if (!resp_start())
         return NULL;
     if (R.busy) {
         while (!atomic_load_explicit(&R.stop, memory_order_relaxed)) {
@@ -581,9 +585,7 @@ static void efd_teardown(void) {
 
 static void *efd_main(void *arg) {
     (void)arg;
-    int ok = resp_pin() == 0;
-    resp_ready(ok);
-    if (!ok)
+    if (!resp_start())
         return NULL;
     while (!atomic_load_explicit(&R.stop, memory_order_relaxed)) {
         struct epoll_event evs[4];
@@ -643,9 +645,7 @@ static int efd_recv(int64_t *seq) {
 
 static void *cv_main(void *arg) {
     (void)arg;
-    int ok = resp_pin() == 0;
-    resp_ready(ok);
-    if (!ok)
+    if (!resp_start())
         return NULL;
     for (;;) {
         int64_t v;
@@ -685,13 +685,16 @@ static int raw_efd_setup(void) {
     return 0;
 }
 
-/* epoll_wait on ep, then read fd: the value written (one message in flight). */
+/* epoll_wait on ep, then read fd: the value written (one message in flight).
+ * -1 (noted) when epoll_wait fails. */
 static int raw_efd_take(int ep, int fd, uint64_t *v) {
     for (;;) {
         struct epoll_event ev;
         int n = epoll_wait(ep, &ev, 1, -1);
-        if (n < 0 && errno != EINTR)
+        if (n < 0 && errno != EINTR) {
+            fail_note("epoll_wait failed");
             return -1;
+        }
         if (n > 0 && read(fd, v, sizeof(*v)) == (ssize_t)sizeof(*v))
             return 0;
     }
@@ -699,16 +702,12 @@ static int raw_efd_take(int ep, int fd, uint64_t *v) {
 
 static void *raw_efd_main(void *arg) {
     (void)arg;
-    int ok = resp_pin() == 0;
-    resp_ready(ok);
-    if (!ok)
+    if (!resp_start())
         return NULL;
     for (;;) {
         uint64_t v;
-        if (raw_efd_take(ep_loop, efd_ping, &v) < 0) {
-            fail_note("epoll_wait failed");
+        if (raw_efd_take(ep_loop, efd_ping, &v) < 0)
             break;
-        }
         if (v == RAW_EFD_STOP)
             break;
         efd_write(efd_pong, v);
@@ -723,10 +722,8 @@ static void raw_efd_send(int64_t seq) {
 
 static int raw_efd_recv(int64_t *seq) {
     uint64_t v;
-    if (raw_efd_take(ep_worker, efd_pong, &v) < 0) {
-        fail_note("epoll_wait failed");
+    if (raw_efd_take(ep_worker, efd_pong, &v) < 0)
         return -1;
-    }
     *seq = (int64_t)v;
     return 0;
 }
@@ -749,9 +746,7 @@ static void raw_cl_teardown(void) {}
 
 static void *raw_cl_main(void *arg) {
     (void)arg;
-    int ok = resp_pin() == 0;
-    resp_ready(ok);
-    if (!ok)
+    if (!resp_start())
         return NULL;
     for (;;) {
         uint64_t v = atomic_load_explicit(&cell, memory_order_acquire);

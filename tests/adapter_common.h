@@ -11,6 +11,13 @@
  * which the callbacks call, on the loop thread, once every subscription and
  * wait chain is done: it ends the loop's run (ev_break, a flag the loop
  * checks, ...).
+ *
+ * Defining ADAPTER_TIMEOUTS adds the port-wait timeout scaffolding (trec_t,
+ * the t_* state, t_open, t_cb, t_start, t_on_time, LATE_MS and ROUNDS); that
+ * suite calls t_open on the loop thread at the start of each round, attaches
+ * t_port to its loop, and defines
+ *     static void timeout_stop_loop(void);
+ * which t_cb calls, on the loop thread, once no started wait is pending.
  */
 #ifndef NQ_TESTS_ADAPTER_COMMON_H
 #define NQ_TESTS_ADAPTER_COMMON_H
@@ -345,5 +352,73 @@ static inline nq_port_stats_t stress_check(const nq_port_t *p, nq_sub_t *held, i
 }
 
 #endif /* ADAPTER_STRESS */
+
+#ifdef ADAPTER_TIMEOUTS
+
+#define LATE_MS 20 /* a timeout may fire up to this much after its deadline */
+#define ROUNDS  5  /* rounds in which each timeout must once be on time */
+
+/* Defined by the including suite: ends the loop's run (see the top). */
+static void timeout_stop_loop(void);
+
+typedef struct trec {
+    int64_t timeout_ms;
+    int64_t started, fired;
+    int calls, status, wrong_thread;
+} trec_t;
+
+static nq_port_t *t_port;
+static nq_queue_t *t_q;
+static nq_handle_t t_quiet; /* never notified */
+static int t_pending, t_tid, t_errors;
+
+/* A fresh round on the calling (loop) thread: counters reset, a new queue
+ * with one handle that is never notified, and a new port, not yet attached. */
+static inline void t_open(void) {
+    t_tid = cur_tid();
+    t_pending = t_errors = 0;
+    t_q = new_queue();
+    t_quiet = reg(t_q, "quiet");
+    t_port = new_port();
+}
+
+static inline void t_cb(void *data, int status, int64_t arg) {
+    trec_t *r = data;
+    (void)arg;
+    r->fired = now_ns();
+    r->calls++;
+    r->status = status;
+    r->wrong_thread += cur_tid() != t_tid;
+    if (--t_pending == 0)
+        timeout_stop_loop();
+}
+
+/* Starts r's wait now (from the test or from inside a callback). */
+static inline void t_start(trec_t *r) {
+    r->started = now_ns();
+    r->calls = 0;
+    if (nq_port_wait(t_port, t_q, t_quiet, NQ_SEQ_NEXT, r->timeout_ms, t_cb, r, NULL) < 0)
+        t_errors++;
+    else
+        t_pending++;
+}
+
+/* Asserts that r timed out once, never early; 1 if it also fired within
+ * LATE_MS of its deadline, 0 (logged) if later. */
+static inline int t_on_time(const trec_t *r, const char *what) {
+    cr_assert_eq(r->calls, 1, "%s: %d callbacks", what, r->calls);
+    cr_assert_eq(r->status, NQ_ETIMEDOUT, "%s: %s", what, nq_err_name(r->status));
+    cr_assert_eq(r->wrong_thread, 0);
+    int64_t took = r->fired - r->started;
+    cr_assert_geq(took, r->timeout_ms * MS, "%s: fired %.3f ms after a %lld ms wait began", what,
+                  (double)took / MS, (long long)r->timeout_ms);
+    if (took <= (r->timeout_ms + LATE_MS) * MS)
+        return 1;
+    cr_log_info("%s: fired %.3f ms after a %lld ms wait began", what, (double)took / MS,
+                (long long)r->timeout_ms);
+    return 0;
+}
+
+#endif /* ADAPTER_TIMEOUTS */
 
 #endif

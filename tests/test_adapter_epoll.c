@@ -47,10 +47,8 @@
 
 #define ADAPTER_HINT "adapter-epoll"
 #define ADAPTER_STRESS
+#define ADAPTER_TIMEOUTS
 #include "adapter_common.h"
-
-#define LATE_MS 20 /* a timeout may fire up to this much after its deadline */
-#define ROUNDS  5  /* rounds in which each timeout must once be on time */
 
 /* epoll tags: the port's and the test's other fds. */
 enum { TAG_NQ = 0x6e71, TAG_TIMER, TAG_BUSY };
@@ -212,60 +210,13 @@ Test(adapter_epoll, notifies_from_four_threads_run_on_the_loop_thread_once_each_
 
 /* --- 2. timeouts ---------------------------------------------------------- */
 
-typedef struct trec {
-    int64_t timeout_ms;
-    int64_t started, fired;
-    int calls, status, wrong_thread;
-} trec_t;
-
-static nq_port_t *t_port;
-static nq_queue_t *t_q;
-static nq_handle_t t_quiet; /* never notified */
-static int t_pending, t_tid, t_errors;
-
-static void t_cb(void *data, int status, int64_t arg) {
-    trec_t *r = data;
-    (void)arg;
-    r->fired = now_ns();
-    r->calls++;
-    r->status = status;
-    r->wrong_thread += cur_tid() != t_tid;
-    if (--t_pending == 0)
-        E.stop = 1;
-}
-
-/* Starts r's wait now (from the test or from inside a callback). */
-static void t_start(trec_t *r) {
-    r->started = now_ns();
-    r->calls = 0;
-    if (nq_port_wait(t_port, t_q, t_quiet, NQ_SEQ_NEXT, r->timeout_ms, t_cb, r, NULL) < 0)
-        t_errors++;
-    else
-        t_pending++;
-}
-
-/* Asserts that r timed out once, never early; 1 if it also fired within
- * LATE_MS of its deadline, 0 (logged) if later. */
-static int t_on_time(const trec_t *r, const char *what) {
-    cr_assert_eq(r->calls, 1, "%s: %d callbacks", what, r->calls);
-    cr_assert_eq(r->status, NQ_ETIMEDOUT, "%s: %s", what, nq_err_name(r->status));
-    cr_assert_eq(r->wrong_thread, 0);
-    int64_t took = r->fired - r->started;
-    cr_assert_geq(took, r->timeout_ms * MS, "%s: fired %.3f ms after a %lld ms wait began", what,
-                  (double)took / MS, (long long)r->timeout_ms);
-    if (took <= (r->timeout_ms + LATE_MS) * MS)
-        return 1;
-    cr_log_info("%s: fired %.3f ms after a %lld ms wait began", what, (double)took / MS,
-                (long long)r->timeout_ms);
-    return 0;
+/* adapter_common.h's t_cb ends the run with this. */
+static void timeout_stop_loop(void) {
+    E.stop = 1;
 }
 
 static void t_setup(void) {
-    t_tid = cur_tid();
-    t_pending = t_errors = 0;
-    t_q = new_queue();
-    t_quiet = reg(t_q, "quiet");
-    t_port = new_port();
+    t_open();
     eloop_init(t_port, 64);
 }
 

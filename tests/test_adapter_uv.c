@@ -79,6 +79,37 @@ static void loop_close(uv_loop_t *loop) {
     cr_assert_eq(rc, 0, "uv_loop_close: %s", uv_strerror(rc));
 }
 
+/* A test's loop, a new port and its adapter h (zeroed, then initialised);
+ * with q not NULL, first a new queue *q with one handle *hd. Returns the
+ * port. */
+static nq_port_t *open_all(uv_loop_t *loop, nq_uv_t *h, nq_queue_t **q, nq_handle_t *hd) {
+    loop_init(loop);
+    if (q != NULL) {
+        *q = new_queue();
+        *hd = reg(*q, "uv-test");
+    }
+    nq_port_t *port = new_port();
+    memset(h, 0, sizeof(*h));
+    uv_init_ok(loop, h, port);
+    return port;
+}
+
+/* Frees the port, then q (unless NULL), then closes the loop. */
+static void free_all(uv_loop_t *loop, nq_port_t *port, nq_queue_t *q) {
+    nq_port_free(port);
+    if (q != NULL)
+        nq_queue_free(q);
+    loop_close(loop);
+}
+
+/* Closes h (no close callback), runs the loop until the close is done, then
+ * free_all. */
+static void close_all(uv_loop_t *loop, nq_uv_t *h, nq_port_t *port, nq_queue_t *q) {
+    cr_assert_eq(nq_uv_close(h, NULL), 0);
+    cr_assert_eq(uv_run(loop, UV_RUN_DEFAULT), 0);
+    free_all(loop, port, q);
+}
+
 /* Is one of h's two uv handles still on the loop (not yet fully closed)?
  * Reads the adapter's private handles by address only, to check the
  * close-callback promise. */
@@ -875,9 +906,7 @@ Test(adapter_uv, close_inside_a_callback_ends_that_dispatch_and_a_new_adapter_ge
     for (int i = 0; i < CD_ITEMS; i++)
         cr_assert_eq(cd.per_item[i], 1, "item %d: %d callbacks", i, cd.per_item[i]);
     cr_assert_eq(close_calls, 1);
-    nq_port_free(port);
-    nq_queue_free(q);
-    loop_close(&loop);
+    free_all(&loop, port, q);
 }
 
 /* The first callback closes the adapter and frees the port: the port goes
@@ -1023,21 +1052,17 @@ Test(adapter_uv, null_arguments_and_never_initialised_handles_get_einval) {
     cr_assert_eq(loop_handles(&loop), 0);
     cr_assert_eq(nq_port_attach(port, &h), 0);
     cr_assert_eq(nq_port_detach(port, &h), 0);
-    nq_port_free(port);
-    loop_close(&loop);
+    free_all(&loop, port, NULL);
 }
 
 Test(adapter_uv, second_adapter_or_attach_on_an_attached_port_is_ebusy) {
     uv_loop_t loop, loop2;
-    loop_init(&loop);
-    loop_init(&loop2);
-    nq_queue_t *q = new_queue();
-    nq_handle_t hd = reg(q, "uv-test");
-    nq_port_t *port = new_port();
     nq_uv_t h1, h2;
-    memset(&h1, 0, sizeof(h1));
+    nq_queue_t *q;
+    nq_handle_t hd;
+    nq_port_t *port = open_all(&loop, &h1, &q, &hd);
+    loop_init(&loop2);
     memset(&h2, 0, sizeof(h2));
-    uv_init_ok(&loop, &h1, port);
     int open = loop_handles(&loop);
     cr_assert_eq(nq_uv_init(&loop, &h2, port), NQ_EBUSY);
     cr_assert_eq(nq_uv_init(&loop2, &h2, port), NQ_EBUSY);
@@ -1050,9 +1075,7 @@ Test(adapter_uv, second_adapter_or_attach_on_an_attached_port_is_ebusy) {
     /* h1 still works */
     cr_assert_eq(nq_uv_has_ref(&h1), 1);
     deliver_through(&loop, &h1, port, q, hd, 42);
-    nq_port_free(port);
-    nq_queue_free(q);
-    loop_close(&loop);
+    free_all(&loop, port, q);
     loop_close(&loop2);
 }
 
@@ -1077,17 +1100,13 @@ Test(adapter_uv, double_close_is_eclosed_and_close_cb_runs_once) {
     cr_assert_eq(uv_run(&loop, UV_RUN_DEFAULT), 0);
     cr_assert_eq(close_calls, 1, "close_cb ran %d times", close_calls);
     cr_assert_eq(h.data, &sentinel, "the adapter wrote its user's data field");
-    nq_port_free(port);
-    loop_close(&loop);
+    free_all(&loop, port, NULL);
 }
 
 Test(adapter_uv, closing_and_closed_handles_get_eclosed) {
     uv_loop_t loop;
-    loop_init(&loop);
-    nq_port_t *port = new_port();
     nq_uv_t h;
-    memset(&h, 0, sizeof(h));
-    uv_init_ok(&loop, &h, port);
+    nq_port_t *port = open_all(&loop, &h, NULL, NULL);
     reset_close_count(&h);
     cr_assert_eq(nq_uv_set_budget(&h, 8), 0);
     cr_assert_eq(nq_uv_close(&h, count_close_cb), 0);
@@ -1104,20 +1123,16 @@ Test(adapter_uv, closing_and_closed_handles_get_eclosed) {
     cr_assert_eq(nq_uv_has_ref(&h), NQ_ECLOSED);
     cr_assert_eq(nq_uv_set_budget(&h, 8), NQ_ECLOSED);
     cr_assert_eq(nq_uv_close(&h, count_close_cb), NQ_ECLOSED);
-    nq_port_free(port);
-    loop_close(&loop);
+    free_all(&loop, port, NULL);
 }
 
 Test(adapter_uv, port_can_be_attached_again_after_close_cb) {
     uv_loop_t loop;
-    loop_init(&loop);
-    nq_queue_t *q = new_queue();
-    nq_handle_t hd = reg(q, "uv-test");
-    nq_port_t *port = new_port();
     nq_uv_t h1, h2;
-    memset(&h1, 0, sizeof(h1));
+    nq_queue_t *q;
+    nq_handle_t hd;
+    nq_port_t *port = open_all(&loop, &h1, &q, &hd);
     memset(&h2, 0, sizeof(h2));
-    uv_init_ok(&loop, &h1, port);
     deliver_through(&loop, &h1, port, q, hd, 1); /* closes h1 */
     cr_assert_eq(nq_uv_has_ref(&h1), NQ_ECLOSED);
     uv_init_ok(&loop, &h2, port); /* a new adapter */
@@ -1126,9 +1141,7 @@ Test(adapter_uv, port_can_be_attached_again_after_close_cb) {
     uv_init_ok(&loop, &h1, port); /* the closed one, initialised again */
     cr_assert_eq(nq_uv_has_ref(&h1), 1);
     deliver_through(&loop, &h1, port, q, hd, 3);
-    nq_port_free(port);
-    nq_queue_free(q);
-    loop_close(&loop);
+    free_all(&loop, port, q);
 }
 
 /* --- 5: ref / unref and run modes ----------------------------------------- */
@@ -1155,11 +1168,8 @@ static void rf_sub_cb(nq_sub_t *s, void *data) {
 
 Test(adapter_uv, ref_and_unref_are_idempotent_like_uv_ref) {
     uv_loop_t loop;
-    loop_init(&loop);
-    nq_port_t *port = new_port();
     nq_uv_t h;
-    memset(&h, 0, sizeof(h));
-    uv_init_ok(&loop, &h, port);
+    nq_port_t *port = open_all(&loop, &h, NULL, NULL);
     cr_assert_eq(nq_uv_has_ref(&h), 1, "referenced at init");
     cr_assert_eq(uv_loop_alive(&loop), 1);
     cr_assert_eq(nq_uv_unref(&h), 0);
@@ -1173,21 +1183,15 @@ Test(adapter_uv, ref_and_unref_are_idempotent_like_uv_ref) {
     cr_assert_eq(nq_uv_unref(&h), 0); /* and one unref any number of refs */
     cr_assert_eq(nq_uv_has_ref(&h), 0);
     cr_assert_eq(uv_loop_alive(&loop), 0);
-    cr_assert_eq(nq_uv_close(&h, NULL), 0);
-    cr_assert_eq(uv_run(&loop, UV_RUN_DEFAULT), 0);
-    nq_port_free(port);
-    loop_close(&loop);
+    close_all(&loop, &h, port, NULL);
 }
 
 Test(adapter_uv, unreferenced_handle_alone_lets_run_default_return_at_once, .timeout = 30) {
     uv_loop_t loop;
-    loop_init(&loop);
-    nq_queue_t *q = new_queue();
-    nq_handle_t hd = reg(q, "uv-test");
-    nq_port_t *port = new_port();
     nq_uv_t h;
-    memset(&h, 0, sizeof(h));
-    uv_init_ok(&loop, &h, port);
+    nq_queue_t *q;
+    nq_handle_t hd;
+    nq_port_t *port = open_all(&loop, &h, &q, &hd);
     rf_calls = 0;
     /* a pending 10 s deadline: the adapter's timer is active too */
     cr_assert_eq(nq_port_wait(port, q, hd, NQ_SEQ_NEXT, 10000, rf_wait_cb, NULL, NULL), 0);
@@ -1227,11 +1231,8 @@ static void closer_cb(uv_timer_t *t) {
 
 Test(adapter_uv, referenced_handle_keeps_run_default_running_until_closed, .timeout = 30) {
     uv_loop_t loop;
-    loop_init(&loop);
-    nq_port_t *port = new_port();
     nq_uv_t h;
-    memset(&h, 0, sizeof(h));
-    uv_init_ok(&loop, &h, port);
+    nq_port_t *port = open_all(&loop, &h, NULL, NULL);
     reset_close_count(&h);
     cr_assert_eq(nq_uv_unref(&h), 0);
     cr_assert_eq(nq_uv_ref(&h), 0);
@@ -1250,8 +1251,7 @@ Test(adapter_uv, referenced_handle_keeps_run_default_running_until_closed, .time
     cr_assert_eq(closer_calls, 1, "uv_run returned before the closer fired");
     cr_assert_eq(close_calls, 1);
     cr_assert_geq(el, 40 * MS, "uv_run returned after %.1f ms", (double)el / 1e6);
-    nq_port_free(port);
-    loop_close(&loop);
+    free_all(&loop, port, NULL);
 }
 
 struct later_notify {
@@ -1270,22 +1270,28 @@ static void *later_notify_thread(void *arg) {
     return NULL;
 }
 
+/* Starts *th, which notifies hd on q once, delay_ns from now. */
+static void later_notify_start(struct later_notify *ln, pthread_t *th, nq_queue_t *q,
+                               nq_handle_t hd, int64_t delay_ns) {
+    ln->q = q;
+    ln->h = hd;
+    ln->delay_ns = delay_ns;
+    atomic_init(&ln->at, 0);
+    atomic_init(&ln->rc, -1);
+    cr_assert_eq(pthread_create(th, NULL, later_notify_thread, ln), 0);
+}
+
 Test(adapter_uv, run_once_blocks_until_the_port_fd_is_readable_then_runs_callbacks, .timeout = 30) {
     uv_loop_t loop;
-    loop_init(&loop);
-    nq_queue_t *q = new_queue();
-    nq_handle_t hd = reg(q, "uv-test");
-    nq_port_t *port = new_port();
     nq_uv_t h;
-    memset(&h, 0, sizeof(h));
-    uv_init_ok(&loop, &h, port);
+    nq_queue_t *q;
+    nq_handle_t hd;
+    nq_port_t *port = open_all(&loop, &h, &q, &hd);
     rf_calls = 0;
     cr_assert_eq(nq_port_wait(port, q, hd, NQ_SEQ_NEXT, -1, rf_wait_cb, NULL, NULL), 0);
-    struct later_notify ln = {.q = q, .h = hd, .delay_ns = 30 * MS};
-    atomic_init(&ln.at, 0);
-    atomic_init(&ln.rc, -1);
+    struct later_notify ln;
     pthread_t th;
-    cr_assert_eq(pthread_create(&th, NULL, later_notify_thread, &ln), 0);
+    later_notify_start(&ln, &th, q, hd, 30 * MS);
     int rc = uv_run(&loop, UV_RUN_ONCE);
     int64_t t1 = now_ns();
     join_all(&th, 1);
@@ -1295,11 +1301,7 @@ Test(adapter_uv, run_once_blocks_until_the_port_fd_is_readable_then_runs_callbac
     cr_assert_eq(rf_tid, cur_tid());
     cr_assert_eq(atomic_load(&ln.rc), 1);
     cr_assert_geq(t1, atomic_load(&ln.at), "UV_RUN_ONCE returned before the notify");
-    cr_assert_eq(nq_uv_close(&h, NULL), 0);
-    cr_assert_eq(uv_run(&loop, UV_RUN_DEFAULT), 0);
-    nq_port_free(port);
-    nq_queue_free(q);
-    loop_close(&loop);
+    close_all(&loop, &h, port, q);
 }
 
 /* The loop timer is armed from a refreshed clock, rounded up: the one
@@ -1307,13 +1309,10 @@ Test(adapter_uv, run_once_blocks_until_the_port_fd_is_readable_then_runs_callbac
  * wait starts within the loop's cached millisecond. */
 Test(adapter_uv, run_once_that_wakes_for_a_timeout_runs_its_callback, .timeout = 30) {
     uv_loop_t loop;
-    loop_init(&loop);
-    nq_queue_t *q = new_queue();
-    nq_handle_t hd = reg(q, "uv-test");
-    nq_port_t *port = new_port();
     nq_uv_t h;
-    memset(&h, 0, sizeof(h));
-    uv_init_ok(&loop, &h, port);
+    nq_queue_t *q;
+    nq_handle_t hd;
+    nq_port_t *port = open_all(&loop, &h, &q, &hd);
     int extra_runs = 0;
     for (int i = 0; i < 20; i++) {
         int64_t spin_until = now_ns() + (i % 10) * MS / 10; /* land anywhere in a ms */
@@ -1334,11 +1333,7 @@ Test(adapter_uv, run_once_that_wakes_for_a_timeout_runs_its_callback, .timeout =
     }
     cr_assert_eq(extra_runs, 0, "%d UV_RUN_ONCE calls woke for a timeout and ran nothing",
                  extra_runs);
-    cr_assert_eq(nq_uv_close(&h, NULL), 0);
-    cr_assert_eq(uv_run(&loop, UV_RUN_DEFAULT), 0);
-    nq_port_free(port);
-    nq_queue_free(q);
-    loop_close(&loop);
+    close_all(&loop, &h, port, q);
 }
 
 Test(adapter_uv, run_nowait_runs_what_is_ready_and_returns, .timeout = 30) {
@@ -1371,11 +1366,7 @@ Test(adapter_uv, run_nowait_runs_what_is_ready_and_returns, .timeout = 30) {
     cr_assert_neq(uv_run(&loop, UV_RUN_NOWAIT), 0);
     cr_assert_eq(rf_calls, 1);
     cr_assert_eq(rf_sub_calls, 1);
-    cr_assert_eq(nq_uv_close(&h, NULL), 0);
-    cr_assert_eq(uv_run(&loop, UV_RUN_DEFAULT), 0);
-    nq_port_free(port);
-    nq_queue_free(q);
-    loop_close(&loop);
+    close_all(&loop, &h, port, q);
 }
 
 static int64_t keeper_deadline;
@@ -1387,13 +1378,10 @@ static void keeper_cb(uv_timer_t *t) {
 
 Test(adapter_uv, unreferenced_handle_still_delivers_while_the_loop_runs, .timeout = 30) {
     uv_loop_t loop;
-    loop_init(&loop);
-    nq_queue_t *q = new_queue();
-    nq_handle_t hd = reg(q, "uv-test");
-    nq_port_t *port = new_port();
     nq_uv_t h;
-    memset(&h, 0, sizeof(h));
-    uv_init_ok(&loop, &h, port);
+    nq_queue_t *q;
+    nq_handle_t hd;
+    nq_port_t *port = open_all(&loop, &h, &q, &hd);
     cr_assert_eq(nq_uv_unref(&h), 0);
     rf_calls = 0;
     cr_assert_eq(nq_port_wait(port, q, hd, NQ_SEQ_NEXT, -1, rf_wait_cb, NULL, NULL), 0);
@@ -1401,21 +1389,15 @@ Test(adapter_uv, unreferenced_handle_still_delivers_while_the_loop_runs, .timeou
     keeper_deadline = now_ns() + 5 * SEC;
     cr_assert_eq(uv_timer_init(&loop, &keeper), 0);
     cr_assert_eq(uv_timer_start(&keeper, keeper_cb, 1, 1), 0);
-    struct later_notify ln = {.q = q, .h = hd, .delay_ns = 20 * MS};
-    atomic_init(&ln.at, 0);
-    atomic_init(&ln.rc, -1);
+    struct later_notify ln;
     pthread_t th;
-    cr_assert_eq(pthread_create(&th, NULL, later_notify_thread, &ln), 0);
+    later_notify_start(&ln, &th, q, hd, 20 * MS);
     cr_assert_eq(uv_run(&loop, UV_RUN_DEFAULT), 0);
     join_all(&th, 1);
     cr_assert_eq(rf_calls, 1, "an unreferenced adapter stopped delivering");
     cr_assert_eq(rf_status, 0);
     cr_assert_eq(rf_tid, cur_tid());
-    cr_assert_eq(nq_uv_close(&h, NULL), 0);
-    cr_assert_eq(uv_run(&loop, UV_RUN_DEFAULT), 0);
-    nq_port_free(port);
-    nq_queue_free(q);
-    loop_close(&loop);
+    close_all(&loop, &h, port, q);
 }
 
 /* --- 6: fairness and budgets ------------------------------------------------ */
@@ -1581,13 +1563,10 @@ static void b1_wait_cb(void *data, int status, int64_t arg) {
 
 Test(adapter_uv, budget_1_runs_one_callback_per_loop_iteration) {
     uv_loop_t loop;
-    loop_init(&loop);
-    nq_queue_t *q = new_queue();
-    nq_handle_t hd = reg(q, "uv-test");
-    nq_port_t *port = new_port();
     nq_uv_t h;
-    memset(&h, 0, sizeof(h));
-    uv_init_ok(&loop, &h, port);
+    nq_queue_t *q;
+    nq_handle_t hd;
+    nq_port_t *port = open_all(&loop, &h, &q, &hd);
     cr_assert_eq(nq_uv_set_budget(&h, 1), 0);
     b1_calls = 0;
     enum { N = 10 };
@@ -1603,9 +1582,5 @@ Test(adapter_uv, budget_1_runs_one_callback_per_loop_iteration) {
     nq_port_stats_t ps = pstats(port);
     cr_assert_eq(ps.callbacks, (uint64_t)N);
     cr_assert_leq(ps.efd_writes, ps.dispatches + 1);
-    cr_assert_eq(nq_uv_close(&h, NULL), 0);
-    cr_assert_eq(uv_run(&loop, UV_RUN_DEFAULT), 0);
-    nq_port_free(port);
-    nq_queue_free(q);
-    loop_close(&loop);
+    close_all(&loop, &h, port, q);
 }
