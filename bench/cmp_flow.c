@@ -43,8 +43,10 @@
  *       is a stuck thread or a loop that never runs. The figures are the
  *       healthy subscribers' (stalled_* report the stalled one, checked too);
  *       producer_ns and latencies cover both kinds of call.
- *   c0  c without the stalled subscriber (b's shape, same code path), so the
- *       driver can compute the healthy fraction c / c0.
+ *   c0  c without the stalled subscriber: the producers make the same calls,
+ *       the extra one to a handle nobody subscribes to (libnq: a registered
+ *       handle with no receiver; the peers: nothing to queue), so c / c0 is
+ *       what a stalled subscriber costs the healthy ones.
  *
  * CONTENDERS, each written the way its users write it:
  *   nq_uv     libnq port + nq_uv_t on a libuv loop; port subscriptions
@@ -122,6 +124,7 @@ static struct shape {
     uint32_t group_shift;      /* subscriber of handle h: h >> group_shift */
     uint32_t ngroups;          /* subscribers */
     int stalled;               /* workload c */
+    int extra;                 /* c and c0: a second call per notify, to the extra handle */
     long n;                    /* healthy notifications, all producers */
 } g;
 
@@ -259,7 +262,7 @@ typedef int (*put_stall_fn)(int64_t arg);
 static inline __attribute__((always_inline)) void run_producer(producer_t *pr, put_fn put,
                                                                put_stall_fn put_stall) {
     const uint32_t mask = g.hmask;
-    const int stalled = g.stalled;
+    const int extra = g.extra;
     const int64_t base = (int64_t)pr->id << SEQ_BITS;
     const long n = pr->n;
     uint32_t h = (pr->id * g.off) & mask;
@@ -277,7 +280,7 @@ static inline __attribute__((always_inline)) void run_producer(producer_t *pr, p
             rc = put(h, base | k);
         if (rc < 0)
             goto failed;
-        if (stalled) {
+        if (extra) {
             if ((k & 63) == 32) {
                 int64_t s = h_now_ns();
                 rc = put_stall(base | k);
@@ -430,12 +433,12 @@ static int lnq_setup(void) {
     int rc = nq_queue_new(NULL, &lnq_q);
     for (uint32_t h = 0; rc == 0 && h < g.nh; h++)
         rc = nq_register(lnq_q, NULL, &lnq_h[h]);
+    if (rc == 0 && g.extra) /* c0: notified, nobody subscribed */
+        rc = nq_register(lnq_q, "extra", &lnq_stall_h);
     if (rc == 0 && g.stalled) {
         nq_sub_opts_t o = {
             .capacity = STALL_CAP, .overflow = NQ_DROP_OLDEST, .debug_hint = "stalled"};
-        rc = nq_register(lnq_q, "stalled", &lnq_stall_h);
-        if (rc == 0)
-            rc = nq_subscribe(lnq_q, lnq_stall_h, &o, &lnq_stall_sub);
+        rc = nq_subscribe(lnq_q, lnq_stall_h, &o, &lnq_stall_sub);
     }
     if (rc < 0)
         fail("libnq setup: %s", nq_strerror(rc));
@@ -765,6 +768,8 @@ static int uva_put(uint32_t h, int64_t arg) {
 }
 
 static int uva_put_stall(int64_t arg) {
+    if (!g.stalled)
+        return 0; /* c0: the extra handle has no subscriber: nothing to queue */
     if (mq_put(&g_mq[g.ngroups], g.nh, arg) < 0)
         return -1;
     return uv_async_send(&uva_stall);
@@ -860,6 +865,8 @@ static int eva_put(uint32_t h, int64_t arg) {
 }
 
 static int eva_put_stall(int64_t arg) {
+    if (!g.stalled)
+        return 0; /* c0: the extra handle has no subscriber: nothing to queue */
     if (mq_put(&g_mq[g.ngroups], g.nh, arg) < 0)
         return -1;
     ev_async_send(eva_stall_loop, &eva_stall);
@@ -960,6 +967,8 @@ static int efd_put(uint32_t h, int64_t arg) {
 }
 
 static int efd_put_stall(int64_t arg) {
+    if (!g.stalled)
+        return 0; /* c0: the extra handle has no subscriber: nothing to queue */
     if (mq_put(&g_mq[g.ngroups], g.nh, arg) < 0)
         return -1;
     return efd_signal(efd_stall);
@@ -1075,6 +1084,8 @@ static int cv_put(uint32_t h, int64_t arg) {
 }
 
 static int cv_put_stall(int64_t arg) {
+    if (!g.stalled)
+        return 0; /* c0: the extra handle has no subscriber: nothing to queue */
     return cv_put_box(&cv_box[g_ncons], g.nh, arg);
 }
 
@@ -1200,7 +1211,8 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < sizeof(CONTENDERS) / sizeof(CONTENDERS[0]); i++)
         if (strcmp(o.contender, CONTENDERS[i].name) == 0)
             ct = &CONTENDERS[i];
-    int wa = strcmp(o.workload, "a") == 0, wc = strcmp(o.workload, "c") == 0;
+    int wa = strcmp(o.workload, "a") == 0, wc = strcmp(o.workload, "c") == 0,
+        wc0 = strcmp(o.workload, "c0") == 0;
     if (ct == NULL ||
         (!wa && !wc && strcmp(o.workload, "b") != 0 && strcmp(o.workload, "c0") != 0)) {
         h_usage(argv[0], PAIRS);
@@ -1213,6 +1225,7 @@ int main(int argc, char **argv) {
                            .nh = 1024,
                            .group_shift = 4,
                            .stalled = wc,
+                           .extra = wc || wc0,
                            .n = o.quick ? 100000 : 4000000};
     if (o.n > 0)
         g.n = o.n;
@@ -1342,7 +1355,7 @@ int main(int argc, char **argv) {
         if (pr->t0 < t_start)
             t_start = pr->t0;
         busy += pr->t1 - pr->t0;
-        calls += (uint64_t)pr->n * (g.stalled ? 2 : 1);
+        calls += (uint64_t)pr->n * (g.extra ? 2 : 1);
         if (lat != NULL)
             memcpy(lat + nlat, pr->lat, pr->nlat * sizeof(*lat)), nlat += pr->nlat;
         free(pr->lat);
