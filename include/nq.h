@@ -327,8 +327,12 @@ NQ_EXTERN int nq_port_new_sized(uint32_t max_items, nq_port_t **out);
 NQ_EXTERN int nq_port_fd(const nq_port_t *p);
 /* Runs up to budget ready callbacks (0: all that were ready when it began),
  * then expires due timeouts (their callbacks run too). Returns how many
- * callbacks ran. Work left over keeps the fd readable. NQ_EBUSY when called
- * from inside one of the port's own callbacks. */
+ * callbacks ran. Work left over keeps the fd readable. Before it would go
+ * idle with budget to spare, it watches for a few microseconds and runs
+ * one more round of what arrived (still within the budget): a producer in
+ * full flow then costs no wake-up per burst. NQ_EBUSY when called from
+ * inside one of the port's own callbacks (the fd is cleared, so a nested
+ * level-triggered loop does not spin on it). */
 NQ_EXTERN int nq_port_dispatch(nq_port_t *p, unsigned budget);
 /* Milliseconds until the next wait deadline (rounded up, 0 if due), -1 if
  * none: pass it (or a smaller value) to epoll_wait / a loop timer. */
