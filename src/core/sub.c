@@ -225,9 +225,24 @@ static int nq__sub_pop_locked(nq_sub_t *s, int64_t *args, size_t n) {
     return (int)k;
 }
 
+/* Empty and open, without taking the lock: a receiver polling an empty
+ * subscription then leaves its lock's cache line to the producers. ready's
+ * DATA bit is set by every push that makes the ring non-empty, before its
+ * lock is released, and cleared only by the pop that empties it; CLOSED is
+ * never cleared. So ready == 0 means the ring was empty and the
+ * subscription open at this load (a push still under its lock is not done
+ * yet). Acquire, though no data is read on this path: it orders the load
+ * after whatever the caller acquired that told it to look (a waker's
+ * signal), which happens after the push's fetch_or. */
+static inline int nq__sub_idle(nq_sub_t *s) {
+    return atomic_load_explicit(&s->ready, memory_order_acquire) == 0;
+}
+
 int nq_sub_try_recv(nq_sub_t *s, int64_t *arg) {
     if (s == NULL)
         return NQ_EINVAL;
+    if (nq__sub_idle(s))
+        return NQ_EAGAIN;
     int64_t tmp;
     nq__lock(&s->lock);
     int n = nq__sub_pop_locked(s, arg != NULL ? arg : &tmp, 1);
@@ -245,6 +260,8 @@ int nq_sub_recv_batch(nq_sub_t *s, int64_t *args, size_t n) {
         return NQ_EINVAL;
     if (n > INT32_MAX)
         n = INT32_MAX;
+    if (nq__sub_idle(s))
+        return 0;
     nq__lock(&s->lock);
     int k = nq__sub_pop_locked(s, args, n);
     int closed = s->closed;
