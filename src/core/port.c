@@ -96,6 +96,8 @@ struct nq_port {
     int free_deferred;
     int detached_in_dispatch; /* the owner let go inside a callback: stop */
     int efd_cleared; /* a nested dispatch read the fd: I1 is off until the end */
+    uint32_t spin_misses; /* pre-idle spins in a row that caught nothing */
+    uint32_t spin_skipped;
     void (*deadline_cb)(nq_port_t *p, void *data);
     void *deadline_data;
     const void *owner; /* the adapter attached, if any */
@@ -520,6 +522,16 @@ static uint64_t nq__port_run_batch(nq_port_t *p, uint64_t limit, int *ran) {
     return taken;
 }
 
+/* Adaptive: a spin that keeps catching nothing (the producers are idle, or
+ * they share our CPU and cannot run while we spin: a ping-pong on one CPU)
+ * only costs latency. After 4 misses in a row, spin once per 64 dispatches
+ * to notice when it pays again. */
+static int nq__port_spin_worth_it(nq_port_t *p) {
+    if (p->spin_misses < 4)
+        return 1;
+    return (++p->spin_skipped & 63) == 0;
+}
+
 int nq_port_dispatch(nq_port_t *p, unsigned budget) {
     if (p == NULL)
         return NQ_EINVAL;
@@ -553,10 +565,11 @@ int nq_port_dispatch(nq_port_t *p, unsigned budget) {
      * again within it. One round at most per dispatch, within the budget,
      * so a flood cannot keep a dispatch from returning. */
     if (!p->free_deferred && !p->detached_in_dispatch && (budget == 0 || taken < budget) &&
-        nq__evq_pending(p->ready) == 0) {
+        nq__evq_pending(p->ready) == 0 && nq__port_spin_worth_it(p)) {
         for (int i = 0; i < NQ__PORT_SPINS && nq__evq_pending(p->ready) == 0; i++)
             nq__cpu_relax();
         uint64_t more = nq__evq_pending(p->ready);
+        p->spin_misses = more > 0 ? 0 : p->spin_misses + 1;
         if (budget != 0 && more > budget - taken)
             more = budget - taken;
         if (more > 0)
