@@ -343,6 +343,9 @@ void nq__sub_detach(nq_sub_t *s) {
         nq__lock(&s->lock);
         s->attached = 0;
         s->closed = 1;
+        /* "closed" always shows in ready, so the receive fast path (which
+         * trusts ready == 0 to mean open) stays right if s outlives this. */
+        atomic_fetch_or_explicit(&s->ready, NQ__READY_CLOSED, memory_order_relaxed);
         nq__unlock(&s->lock);
     }
     nq__unlock(&slot->lock);
