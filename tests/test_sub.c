@@ -635,6 +635,39 @@ Test(sub, close_detaches_from_the_handle) {
     nq_queue_free(q);
 }
 
+/* A subscription costs its ring plus a small fixed part: the handle's
+ * array of subscribers grows with them (from 2, doubling), instead of being
+ * sized for max_subscribers_per_handle at the first one. And it grows
+ * right: every subscriber up to the limit receives, the next is refused. */
+Test(sub, the_subscriber_array_grows_with_the_subscribers) {
+    nq_queue_t *q = new_queue(NULL);
+    nq_handle_t h = reg(q);
+    size_t before = stats(q).bytes_held;
+    nq_sub_t *first = sub(q, h, 1024, NQ_DROP_NEWEST);
+    size_t fixed = stats(q).bytes_held - before - 1024 * sizeof(int64_t);
+    cr_assert_leq(fixed, sizeof(nq_sub_t) + 2 * sizeof(void *) + 64,
+                  "a first subscription of 1024 costs 8 x 1024 + %zu bytes", fixed);
+    nq_config_t cfg;
+    nq_config_init(&cfg);
+    uint32_t max = cfg.max_subscribers_per_handle;
+    nq_sub_t **all = calloc(max, sizeof(*all));
+    cr_assert_not_null(all);
+    all[0] = first;
+    for (uint32_t i = 1; i < max; i++)
+        all[i] = sub(q, h, 4, NQ_DROP_NEWEST);
+    nq_sub_t *extra = NULL;
+    cr_assert_eq(nq_subscribe(q, h, NULL, &extra), NQ_ELIMIT);
+    cr_assert_eq(nq_notify(q, h, 42), (int)max, "not every subscriber was reached");
+    for (uint32_t i = 0; i < max; i++) {
+        int64_t v = 0;
+        cr_assert_eq(nq_sub_try_recv(all[i], &v), 0, "subscriber %u got nothing", i);
+        cr_assert_eq(v, 42);
+        nq_sub_close(all[i]);
+    }
+    free(all);
+    nq_queue_free(q);
+}
+
 /* --- the waker ----------------------------------------------------------- */
 
 struct notify_once {

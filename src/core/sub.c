@@ -49,7 +49,6 @@ int nq__sub_new(nq_queue_t *q, nq_handle_t h, const nq_sub_opts_t *opts,
     int64_t *ring = nq__malloc((size_t)cap * sizeof(int64_t));
     size_t hint_bytes = 0;
     char *hint = nq__hint_dup(q, o.debug_hint, &hint_bytes);
-    nq_sub_t **arr = NULL;
     int rc = 0;
     if (s == NULL || ring == NULL ||
         (o.debug_hint != NULL && o.debug_hint[0] != '\0' && hint == NULL)) {
@@ -73,61 +72,79 @@ int nq__sub_new(nq_queue_t *q, nq_handle_t h, const nq_sub_opts_t *opts,
     nq__lock_init(&s->lock);
     nq__park_init(&s->park);
 
-    /* The slot's array is sized for max_subscribers_per_handle at the first
-     * subscribe; allocate it before taking the slot's lock. */
-    size_t arr_bytes = (size_t)q->cfg.max_subscribers_per_handle * sizeof(nq_sub_t *);
+    /* The slot's array of subscribers grows by doubling, from 2, up to
+     * max_subscribers_per_handle. A larger array is allocated outside the
+     * slot's lock and swapped in under it (notifiers read the array only
+     * under that lock); the one it replaces is freed after the unlock. */
+    nq_sub_t **stale = NULL;
+    size_t stale_bytes = 0;
     int err;
     nq__hslot_t *slot = nq__slot_lock(q, h, &err);
     if (slot == NULL) {
         rc = err;
         goto fail;
     }
-    if (slot->subs == NULL) {
+    while (slot->nsubs >= slot->subs_cap) {
+        uint32_t max = q->cfg.max_subscribers_per_handle;
+        uint32_t old_cap = slot->subs_cap;
+        if (old_cap >= max) {
+            nq__unlock(&slot->lock);
+            rc = NQ_ELIMIT;
+            goto fail_arr;
+        }
+        uint32_t new_cap = old_cap == 0 ? 2 : old_cap * 2;
+        if (new_cap > max)
+            new_cap = max;
         nq__unlock(&slot->lock);
-        if (nq__mem_reserve(q, arr_bytes) < 0) {
+        nq__free(stale);
+        nq__mem_release(q, stale_bytes);
+        stale = NULL;
+        stale_bytes = 0;
+        size_t nb = (size_t)new_cap * sizeof(nq_sub_t *);
+        if (nq__mem_reserve(q, nb) < 0) {
             rc = NQ_ENOMEM;
             goto fail;
         }
-        arr = nq__calloc(q->cfg.max_subscribers_per_handle, sizeof(nq_sub_t *));
+        nq_sub_t **arr = nq__malloc(nb);
         if (arr == NULL) {
-            nq__mem_release(q, arr_bytes);
+            nq__mem_release(q, nb);
             rc = NQ_ENOMEM;
             goto fail;
         }
         slot = nq__slot_lock(q, h, &err);
         if (slot == NULL) {
+            nq__free(arr);
+            nq__mem_release(q, nb);
             rc = err;
-            goto fail_arr;
+            goto fail;
         }
-        if (slot->subs == NULL) {
+        if (slot->subs_cap == old_cap) { /* nobody grew it meanwhile */
+            if (slot->nsubs > 0)
+                memcpy(arr, slot->subs, (size_t)slot->nsubs * sizeof(nq_sub_t *));
+            stale = slot->subs;
+            stale_bytes = (size_t)old_cap * sizeof(nq_sub_t *);
             slot->subs = arr; /* kept with the slot until the queue is freed */
-            arr = NULL;
+            slot->subs_cap = (uint16_t)new_cap;
+        } else {
+            stale = arr; /* another subscribe grew it first: ours goes */
+            stale_bytes = nb;
         }
-    }
-    if (slot->nsubs >= q->cfg.max_subscribers_per_handle) {
-        nq__unlock(&slot->lock);
-        rc = NQ_ELIMIT;
-        goto fail_arr;
     }
     s->index = (uint32_t)h - 1;
     s->gen = (uint32_t)(h >> 32);
     s->attached = 1;
     slot->subs[slot->nsubs++] = s;
     nq__unlock(&slot->lock);
-    if (arr != NULL) {
-        nq__free(arr);
-        nq__mem_release(q, arr_bytes);
-    }
+    nq__free(stale);
+    nq__mem_release(q, stale_bytes);
     atomic_fetch_add_explicit(&q->refs, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&q->live_subs, 1, memory_order_relaxed);
     *out = s;
     return 0;
 
 fail_arr:
-    if (arr != NULL) {
-        nq__free(arr);
-        nq__mem_release(q, arr_bytes);
-    }
+    nq__free(stale);
+    nq__mem_release(q, stale_bytes);
 fail:
     nq__hint_free(q, hint);
     nq__free(ring);
