@@ -409,6 +409,8 @@ typedef struct nq_port_stats {
     uint64_t efd_writes;
     uint64_t efd_reads;
     uint64_t deadlines_expired;
+    uint64_t idle_spins;     /* dispatches that watched the evq before going idle */
+    uint64_t idle_spin_hits; /* ... and caught work doing so */
     uint32_t live_items; /* waits + subscriptions on the port */
     uint32_t max_items;
     uint32_t deadlines;  /* waits with a pending deadline */

@@ -1231,6 +1231,61 @@ Test(port, sustained_work_costs_no_syscall_per_dispatch) {
     nq_queue_free(q);
 }
 
+/* The pre-idle spin backs off: with nothing arriving (here: nobody
+ * notifies at all), it spins 4 times in a row, then once per 64 dispatches,
+ * so a busy-polling caller or a one-CPU ping-pong does not pay it each
+ * time. Nothing ever arrives, so it never catches anything. */
+Test(port, the_pre_idle_spin_backs_off_when_it_catches_nothing) {
+    setup();
+    nq_port_t *p = new_port();
+    for (int i = 0; i < 256; i++)
+        cr_assert_eq(dispatch(p, 0), 0);
+    nq_port_stats_t st = pstats(p);
+    cr_assert_geq(st.idle_spins, 4, "it never spun");
+    cr_assert_leq(st.idle_spins, 4 + 256 / 64, "%llu spins in 256 empty dispatches",
+                  (unsigned long long)st.idle_spins);
+    cr_assert_eq(st.idle_spin_hits, 0);
+    port_free(p);
+}
+
+/* ... and it pays when a producer is in full flow on another thread: some
+ * spin catches a notification (and the back-off lets it try again). */
+struct flow {
+    nq_queue_t *q;
+    nq_handle_t h;
+    atomic_int stop;
+};
+
+static void *flow_thread(void *a) {
+    struct flow *f = a;
+    for (int64_t i = 0; !atomic_load_explicit(&f->stop, memory_order_relaxed); i++)
+        nq_notify(f->q, f->h, i);
+    return NULL;
+}
+
+Test(port, the_pre_idle_spin_catches_a_producer_in_full_flow, .timeout = 30) {
+    setup();
+    nq_queue_t *q = new_queue();
+    nq_port_t *p = new_port();
+    nq_handle_t h = reg(q);
+    srec_t r = {0};
+    r.per_call = 0; /* drain all: the evq empties, so each dispatch may spin */
+    psub(p, q, h, 64, &r, NULL);
+    struct flow f = {q, h, 0};
+    pthread_t t;
+    cr_assert_eq(pthread_create(&t, NULL, flow_thread, &f), 0);
+    int64_t end = now_ns() + 5 * SEC;
+    while (pstats(p).idle_spin_hits == 0 && now_ns() < end)
+        dispatch(p, 0);
+    atomic_store(&f.stop, 1);
+    cr_assert_eq(pthread_join(t, NULL), 0);
+    nq_port_stats_t st = pstats(p);
+    cr_assert_gt(st.idle_spin_hits, 0, "%llu spins in 5 s of flow, none caught anything",
+                 (unsigned long long)st.idle_spins);
+    port_free(p);
+    nq_queue_free(q);
+}
+
 /* A waker preempted between claiming its evq slot and storing its token
  * stalls the evq's head: dispatch can run nothing behind it. It must not
  * keep the fd readable for it (a level-triggered loop would spin until that

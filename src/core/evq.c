@@ -231,6 +231,27 @@ static inline void nq__evq_publish(nq_evq_t *e, uint64_t pos, uint32_t token) {
         atomic_store_explicit(slot, NQ__SLOT(pos + 1, token), memory_order_release);
 }
 
+/* Claims the next position of a ring with a slot per token: 0, or
+ * NQ_ELIMIT if I2 was found broken (the token is still delivered). */
+static inline int nq__evq_claim_exact(nq_evq_t *e, uint64_t *posp) {
+    /* I2: the position we claim is free (the argument at the top), so a
+     * fetch_add claims it outright: wait-free. seq_cst: W of the wake-up
+     * protocol; acq_rel is part of it (O4's chain). */
+    uint64_t pos = atomic_fetch_add_explicit(&e->tail, 1, memory_order_seq_cst);
+    *posp = pos;
+    uint64_t w = atomic_load_explicit(&e->slots[pos & e->mask], memory_order_acquire);
+    if (NQ__LIKELY(NQ__SLOT_SEQ(w) == (uint32_t)pos))
+        return 0;
+    /* I2 broken: cannot happen. Report it, and still deliver: wait for the
+     * consumer to free the slot rather than lose the token. */
+    for (int i = 0;
+         NQ__SLOT_SEQ(atomic_load_explicit(&e->slots[pos & e->mask], memory_order_acquire)) !=
+         (uint32_t)pos;
+         i++)
+        i < 64 ? nq__cpu_relax() : (void)sched_yield();
+    return NQ_ELIMIT;
+}
+
 int nq_evq_notify(nq_evq_t *e, uint32_t token) {
     if (NQ__UNLIKELY(e == NULL || token >= e->max_tokens))
         return NQ_EINVAL;
@@ -244,21 +265,7 @@ int nq_evq_notify(nq_evq_t *e, uint32_t token) {
     uint64_t pos;
     int rc = 0;
     if (NQ__LIKELY(e->size >= e->max_tokens)) {
-        /* I2: the position we claim is free (the argument at the top), so a
-         * fetch_add claims it outright: wait-free. seq_cst: W of the wake-up
-         * protocol; acq_rel is part of it (O4's chain). */
-        pos = atomic_fetch_add_explicit(&e->tail, 1, memory_order_seq_cst);
-        uint64_t w = atomic_load_explicit(&e->slots[pos & e->mask], memory_order_acquire);
-        if (NQ__UNLIKELY(NQ__SLOT_SEQ(w) != (uint32_t)pos)) {
-            /* I2 broken: cannot happen. Report it, and still deliver: wait
-             * for the consumer to free the slot rather than lose the token. */
-            rc = NQ_ELIMIT;
-            for (int i = 0; NQ__SLOT_SEQ(atomic_load_explicit(&e->slots[pos & e->mask],
-                                                              memory_order_acquire)) !=
-                            (uint32_t)pos;
-                 i++)
-                i < 64 ? nq__cpu_relax() : (void)sched_yield();
-        }
+        rc = nq__evq_claim_exact(e, &pos);
     } else if (nq__evq_claim_small(e, &pos) < 0) {
         /* A ring smaller than the token space is full. Undo our claim on the
          * flag (an RMW, to keep O2's release sequences unbroken): a notify
@@ -354,7 +361,8 @@ int nq_evq_wait(nq_evq_t *e, uint32_t *out, size_t max, int64_t timeout_ns) {
             return NQ_ETIMEDOUT;
 
         nq__park_prepare(&e->park);
-        /* L of the protocol: seq_cst pairs with the notifier's CAS on tail. */
+        /* L of the protocol: seq_cst pairs with the notifier's claim on tail
+         * (fetch_add, or CAS in a small ring). */
         uint64_t tail = atomic_load_explicit(&e->tail, memory_order_seq_cst);
         if (tail != atomic_load_explicit(&e->head, memory_order_relaxed)) {
             /* Something was claimed since: either ready now, or a notifier is
@@ -403,7 +411,7 @@ void nq__evq_set_sc_publish(nq_evq_t *e) {
 
 int nq__evq_head_ready(nq_evq_t *e) {
     uint64_t head = atomic_load_explicit(&e->head, memory_order_relaxed);
-    /* seq_cst: L2 of the port's stalled-head handshake (port.c). */
+    /* seq_cst: L1 of the port's wake-up protocol (port.c), after its P. */
     uint64_t w = atomic_load_explicit(&e->slots[head & e->mask], memory_order_seq_cst);
     return NQ__SLOT_SEQ(w) == (uint32_t)(head + 1);
 }
@@ -411,7 +419,7 @@ int nq__evq_head_ready(nq_evq_t *e) {
 int nq__evq_claim_for_test(nq_evq_t *e, uint32_t token, uint64_t *pos) {
     if (atomic_exchange_explicit(&e->pending[token], 1, memory_order_acq_rel))
         return 0;
-    *pos = atomic_fetch_add_explicit(&e->tail, 1, memory_order_seq_cst);
+    (void)nq__evq_claim_exact(e, pos); /* the ports' rings are exact */
     return 1;
 }
 
@@ -420,7 +428,7 @@ void nq__evq_publish_for_test(nq_evq_t *e, uint64_t pos, uint32_t token) {
 }
 
 uint64_t nq__evq_pending(nq_evq_t *e) {
-    /* seq_cst pairs with the notifiers' CAS on tail (see port.c). */
+    /* seq_cst pairs with the notifiers' fetch_add on tail (W; port.c). */
     uint64_t tail = atomic_load_explicit(&e->tail, memory_order_seq_cst);
     return tail - atomic_load_explicit(&e->head, memory_order_relaxed);
 }

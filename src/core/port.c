@@ -48,7 +48,11 @@
  * The eventfd is read only when going idle, never at the start: a write
  * that lands after that read (a waker that exchanged before P) leaves the
  * fd readable, and the next dispatch, with nothing to run, reads it again.
-
+ * Before the idle path, a dispatch with budget to spare may watch the evq
+ * for a few microseconds (adaptive: see nq__port_spin_worth_it) and run
+ * what arrives; that only delays the idle path, it changes none of the
+ * steps above.
+ *
  * Tokens are reused after their item is gone; a stale token can still come
  * out of the evq (a late waker), so dispatch checks each item's own state
  * and treats a token that names nothing due as spurious.
@@ -98,6 +102,7 @@ struct nq_port {
     int efd_cleared; /* a nested dispatch read the fd: I1 is off until the end */
     uint32_t spin_misses; /* pre-idle spins in a row that caught nothing */
     uint32_t spin_skipped;
+    _Atomic uint64_t idle_spins, idle_spin_hits; /* for nq_port_stats */
     void (*deadline_cb)(nq_port_t *p, void *data);
     void *deadline_data;
     const void *owner; /* the adapter attached, if any */
@@ -570,6 +575,9 @@ int nq_port_dispatch(nq_port_t *p, unsigned budget) {
             nq__cpu_relax();
         uint64_t more = nq__evq_pending(p->ready);
         p->spin_misses = more > 0 ? 0 : p->spin_misses + 1;
+        atomic_fetch_add_explicit(&p->idle_spins, 1, memory_order_relaxed);
+        if (more > 0)
+            atomic_fetch_add_explicit(&p->idle_spin_hits, 1, memory_order_relaxed);
         if (budget != 0 && more > budget - taken)
             more = budget - taken;
         if (more > 0)
@@ -679,6 +687,8 @@ int nq_port_stats(const nq_port_t *cp, nq_port_stats_t *out) {
     out->efd_writes = atomic_load_explicit(&p->efd_writes, memory_order_relaxed);
     out->efd_reads = atomic_load_explicit(&p->efd_reads, memory_order_relaxed);
     out->deadlines_expired = atomic_load_explicit(&p->deadlines_expired, memory_order_relaxed);
+    out->idle_spins = atomic_load_explicit(&p->idle_spins, memory_order_relaxed);
+    out->idle_spin_hits = atomic_load_explicit(&p->idle_spin_hits, memory_order_relaxed);
     out->live_items = atomic_load_explicit(&p->live_items, memory_order_relaxed);
     out->max_items = p->max_items;
     out->deadlines = atomic_load_explicit(&p->deadlines, memory_order_relaxed);

@@ -16,6 +16,12 @@
  *                                              no:  futex_wait until deadline
  * The user's waker is called on the same transitions (empty -> non-empty, and
  * closed), after every lock is released.
+ *
+ * Invariant of `ready`, on which the lock-free empty receive rests
+ * (nq__sub_idle): DATA is set, under the lock, by the push that makes the
+ * ring non-empty and cleared, under the lock, only by the pop that empties
+ * it; CLOSED is set on every close and never cleared. So outside the lock
+ * ready == 0 exactly when the ring is empty and the subscription open.
  */
 #include <sched.h>
 #include <string.h>
