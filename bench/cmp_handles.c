@@ -34,14 +34,23 @@
  * "wakeups" the callbacks that carried it.
  *
  * Workload mem: bytes per idle registered handle (over 100k handles) and, for
- * libnq, per subscription of capacity 1024.
- *   nq        bytes_per_handle from nq_queue_stats().bytes_held (slot plus
- *             its index-table entry); bytes_per_sub from bytes_held deltas:
- *             one subscription on each of 1000 fresh handles (which also
- *             allocates each handle's subscriber array), and
- *             bytes_per_sub_marginal: 63 more on one handle that has its
- *             array already. rss_* figures: resident-set deltas, malloc
- *             overhead included.
+ *   libnq, per subscription of capacity 1024.
+ *   nq        bytes_per_handle = slot_bytes_per_handle + index_bytes_per_handle,
+ *             both from nq_queue_stats().bytes_held, whatever the layout:
+ *             slot_bytes_per_handle: the growth of bytes_held over 100k
+ *             registrations / 100k (libnq allocates slots in chunks of 64
+ *             when first needed: 64 x 56 bytes, the last one cut to what is
+ *             left of max_handles); index_bytes_per_handle: what an empty
+ *             queue holds more with max_handles 200k than with 100k, / 100k
+ *             (the index sized by max_handles and charged when the queue is
+ *             made: a chunk pointer per 64 handles, 8 / 64 = 0.125).
+ *             bytes_per_sub from bytes_held deltas: one subscription on each
+ *             of 1000 fresh handles (which also allocates each handle's
+ *             subscriber array, 2 pointers), and bytes_per_sub_marginal: 63
+ *             more on one handle that has its array already;
+ *             bytes_per_port_sub: like bytes_per_sub, with
+ *             nq_port_subscribe (a port subscription adds its port's part).
+ *             rss_* figures: resident-set deltas, malloc overhead included.
  *   uv_async  sizeof(uv_async_t) + a pthread_mutex_t + a queue head (two
  *             pointers), what a user adds per handle to pass data; rss from
  *             100k of them initialised on one loop.
@@ -190,7 +199,7 @@ static int run_nq_uv(h_result_t *r, int64_t watchdog_ms) {
     nq_config_t cfg;
     nq_config_init(&cfg);
     cfg.max_handles = nh;
-    /* 1 slot (64) + its table entry (8) + one live wait (152) per handle,
+    /* 1 slot (56, in chunks of 64) + one live wait (152) per handle,
      * with room to spare. */
     cfg.memory_limit = (size_t)nh * 1024 + ((size_t)64 << 20);
     int rc = nq_queue_new(&cfg, &nqs.q);
@@ -407,7 +416,30 @@ static size_t held(nq_queue_t *q) {
     return st.bytes_held;
 }
 
+/* bytes_held of an empty queue of max_handles handles. */
+static size_t held_empty(uint32_t max_handles) {
+    nq_config_t cfg;
+    nq_config_init(&cfg);
+    cfg.max_handles = max_handles;
+    nq_queue_t *q;
+    if (nq_queue_new(&cfg, &q) < 0)
+        return 0;
+    size_t b = held(q);
+    nq_queue_free(q);
+    return b;
+}
+
+static void on_port_sub(nq_sub_t *s, void *data) {
+    (void)s;
+    (void)data;
+}
+
 static int run_mem_nq(h_result_t *r) {
+    /* The index's share: charged up front, it grows with max_handles. */
+    size_t e1 = held_empty(MEM_HANDLES), e2 = held_empty(2 * MEM_HANDLES);
+    if (e1 == 0 || e2 < e1)
+        return -1;
+    double index_per_handle = (double)(e2 - e1) / MEM_HANDLES;
     /* Handles. */
     long rss0 = h_rss_kb();
     nq_config_t cfg;
@@ -416,7 +448,7 @@ static int run_mem_nq(h_result_t *r) {
     nq_queue_t *q;
     if (nq_queue_new(&cfg, &q) < 0)
         return -1;
-    size_t h0 = held(q); /* the queue and its whole index table */
+    size_t h0 = held(q); /* the queue and its index */
     for (uint32_t i = 0; i < MEM_HANDLES; i++) {
         nq_handle_t h;
         if (nq_register(q, NULL, &h) < 0)
@@ -424,10 +456,10 @@ static int run_mem_nq(h_result_t *r) {
     }
     size_t h1 = held(q);
     long rss1 = h_rss_kb();
-    /* Each handle's table entry was charged up front: add it back in. */
-    double per_handle =
-        (double)(h1 - h0 + (size_t)MEM_HANDLES * sizeof(void *)) / MEM_HANDLES;
-    h_num(r, "bytes_per_handle", per_handle);
+    double slot_per_handle = (double)(h1 - h0) / MEM_HANDLES;
+    h_num(r, "bytes_per_handle", slot_per_handle + index_per_handle);
+    h_num(r, "slot_bytes_per_handle", slot_per_handle);
+    h_num(r, "index_bytes_per_handle", index_per_handle);
     h_num(r, "rss_bytes_per_handle", (double)(rss1 - rss0) * 1024.0 / MEM_HANDLES);
     nq_queue_t *q_handles = q; /* freed at the end: its memory, freed now, would
                                   be reused below and hide the subs' RSS */
@@ -467,6 +499,25 @@ static int run_mem_nq(h_result_t *r) {
     h_num(r, "sub_target_bytes", 1024 * 8 + 128);
     for (uint32_t i = 0; i < MEM_SUBS + MEM_SHARED_SUBS; i++)
         nq_sub_close(subs[i]);
+    nq_queue_free(q);
+
+    /* Port subscriptions of capacity 1024, likewise on fresh handles (the
+     * port keeps them: nq_port_free closes them). */
+    nq_config_init(&cfg);
+    cfg.max_handles = MEM_SUBS;
+    nq_port_t *port;
+    if (nq_queue_new(&cfg, &q) < 0 || nq_port_new_sized(MEM_SUBS, &port) < 0)
+        return -1;
+    for (uint32_t i = 0; i < MEM_SUBS; i++)
+        if (nq_register(q, NULL, &hs[i]) < 0)
+            return -1;
+    s0 = held(q);
+    for (uint32_t i = 0; i < MEM_SUBS; i++)
+        if (nq_port_subscribe(port, q, hs[i], &so, on_port_sub, NULL, NULL) < 0)
+            return -1;
+    s1 = held(q);
+    h_num(r, "bytes_per_port_sub", (double)(s1 - s0) / MEM_SUBS);
+    nq_port_free(port);
     nq_queue_free(q);
     nq_queue_free(q_handles);
     return 0;
@@ -558,7 +609,8 @@ static int run_mem(const h_opts_t *o) {
     const char *note;
     if (strcmp(o->contender, "nq") == 0) {
         rc = run_mem_nq(&r);
-        note = "bytes from nq_queue_stats bytes_held: handle = slot + table entry; "
+        note = "bytes from nq_queue_stats bytes_held: handle = slot (chunk growth / 100k) "
+               "+ index (empty-queue growth per max_handle); "
                "bytes_per_sub = one cap-1024 sub on each of 1000 fresh handles (incl. "
                "the handle's subscriber array), marginal = 63 more on one handle";
     } else if (strcmp(o->contender, "uv_async") == 0) {

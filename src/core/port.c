@@ -235,9 +235,11 @@ static void nq__port_wait_wake(void *ctx) {
 }
 
 void nq__port_sub_wake(nq_sub_t *s) {
-    nq_port_t *p = atomic_load_explicit(&s->port, memory_order_relaxed);
+    if (s->px == NULL)
+        return;
+    nq_port_t *p = atomic_load_explicit(&s->px->port, memory_order_relaxed);
     if (p != NULL)
-        nq__port_signal(p, s->token);
+        nq__port_signal(p, s->px->token);
 }
 
 /* --- tokens and the deadline heap (loop thread) -------------------------- */
@@ -423,15 +425,16 @@ int nq_port_subscribe(nq_port_t *p, nq_queue_t *q, nq_handle_t h, const nq_sub_o
 
 /* nq_sub_close on a port subscription (on the port's thread). */
 void nq__port_sub_close(nq_sub_t *s) {
-    nq_port_t *p = atomic_load_explicit(&s->port, memory_order_relaxed);
-    if (p != NULL && s->in_cb) {
-        s->close_deferred = 1; /* freed when its callback returns */
+    nq__sub_px_t *px = s->px;
+    nq_port_t *p = atomic_load_explicit(&px->port, memory_order_relaxed);
+    if (p != NULL && px->in_cb) {
+        px->close_deferred = 1; /* freed when its callback returns */
         return;
     }
     nq__sub_detach(s);
     if (p != NULL) {
-        atomic_store_explicit(&s->port, NULL, memory_order_relaxed);
-        nq__port_untoken(p, s->token);
+        atomic_store_explicit(&px->port, NULL, memory_order_relaxed);
+        nq__port_untoken(p, px->token);
     }
     nq__sub_destroy(s);
 }
@@ -448,11 +451,12 @@ static int nq__port_run_sub(nq_port_t *p, nq_sub_t *s) {
     uint32_t ready = atomic_load_explicit(&s->ready, memory_order_acquire);
     if (ready == 0 || (!(ready & 1u) && nq__sub_told_closed(s)))
         return 0; /* spurious, or closed, drained and already told */
-    s->in_cb = 1;
+    nq__sub_px_t *px = s->px;
+    px->in_cb = 1;
     atomic_fetch_add_explicit(&p->callbacks, 1, memory_order_relaxed);
-    s->cb(s, s->data);
-    s->in_cb = 0;
-    if (s->close_deferred) {
+    px->cb(s, px->data);
+    px->in_cb = 0;
+    if (px->close_deferred) {
         nq__port_sub_close(s);
         return 1;
     }
@@ -461,7 +465,7 @@ static int nq__port_run_sub(nq_port_t *p, nq_sub_t *s) {
      * level-triggered socket). */
     ready = atomic_load_explicit(&s->ready, memory_order_acquire);
     if ((ready & 1u) || ((ready & 2u) && !nq__sub_told_closed(s)))
-        nq_evq_notify(p->ready, s->token);
+        nq_evq_notify(p->ready, px->token);
     return 1;
 }
 
@@ -648,10 +652,10 @@ static void nq__port_destroy(nq_port_t *p) {
         /* Unhook the port under the sub's lock, then wait for wakers that
          * may still be signalling it. */
         nq__lock(&s->lock);
-        atomic_store_explicit(&s->port, NULL, memory_order_relaxed);
+        atomic_store_explicit(&s->px->port, NULL, memory_order_relaxed);
         nq__unlock(&s->lock);
         nq__port_untoken(p, t);
-        if (s->port_owned) {
+        if (s->px->owned) {
             nq__sub_detach(s);
             nq__sub_destroy(s);
         } else {

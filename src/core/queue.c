@@ -4,7 +4,7 @@
  * and the lock order.
  *
  * The path of one notification (nq_notify):
- *   slot = table[index(h)]               one acquire load
+ *   slot = chunks[index(h) / 64] + index % 64   one acquire load
  *   lock(slot); check live && gen        a stale handle stops here: NQ_EBADH
  *   last_arg = arg; seq++
  *   each subscription: push (full -> drop per policy, counted)
@@ -40,6 +40,21 @@ void nq_config_init(nq_config_t *cfg) {
     cfg->max_capacity = NQ__DEF_MAX_CAPACITY;
 }
 
+static uint32_t nq__nchunks(uint32_t max_handles) {
+    return (max_handles + NQ__CHUNK_SLOTS - 1) >> NQ__CHUNK_SHIFT;
+}
+
+/* Bytes of chunk c as allocated (and charged): its slots, rounded up to a
+ * cache line by nq__aligned_alloc. */
+static size_t nq__chunk_bytes(const nq_queue_t *q, uint32_t c) {
+    uint32_t first = c << NQ__CHUNK_SHIFT;
+    uint32_t n = q->cfg.max_handles - first;
+    if (n > NQ__CHUNK_SLOTS)
+        n = NQ__CHUNK_SLOTS;
+    size_t b = (size_t)n * sizeof(nq__hslot_t);
+    return (b + NQ__CACHELINE - 1) & ~(size_t)(NQ__CACHELINE - 1);
+}
+
 /* 0 = derived: what the limits can use at most, saturated. */
 static size_t nq__derived_memory(const nq_config_t *c) {
     double per_handle = (double)sizeof(nq__hslot_t) + NQ__HINT_MAX +
@@ -47,7 +62,8 @@ static size_t nq__derived_memory(const nq_config_t *c) {
                         (double)c->max_subscribers_per_handle *
                             (sizeof(struct nq_sub) + NQ__HINT_MAX + sizeof(void *) +
                              (double)c->default_capacity * sizeof(int64_t));
-    double total = (double)c->max_handles * (per_handle + sizeof(void *));
+    double total = (double)c->max_handles * per_handle +
+                   (double)nq__nchunks(c->max_handles) * (sizeof(void *) + NQ__CACHELINE);
     return total >= (double)SIZE_MAX ? SIZE_MAX : (size_t)total;
 }
 
@@ -71,20 +87,20 @@ int nq_queue_new(const nq_config_t *cfg, nq_queue_t **out) {
     if (c.memory_limit == 0)
         c.memory_limit = nq__derived_memory(&c);
 
-    size_t table_sz = (size_t)c.max_handles * sizeof(*((nq_queue_t *)0)->table);
+    size_t table_sz = (size_t)nq__nchunks(c.max_handles) * sizeof(*((nq_queue_t *)0)->chunks);
     if (sizeof(nq_queue_t) + table_sz > c.memory_limit)
         return NQ_ENOMEM;
     nq_queue_t *q = nq__aligned_alloc(NQ__CACHELINE, sizeof(*q));
     if (q == NULL)
         return NQ_ENOMEM;
     memset(q, 0, sizeof(*q));
-    q->table = nq__calloc(c.max_handles, sizeof(*q->table));
-    if (q->table == NULL) {
+    q->chunks = nq__calloc(nq__nchunks(c.max_handles), sizeof(*q->chunks));
+    if (q->chunks == NULL) {
         nq__free(q);
         return NQ_ENOMEM;
     }
     if (pthread_mutex_init(&q->lock, NULL) != 0) {
-        nq__free(q->table);
+        nq__free(q->chunks);
         nq__free(q);
         return NQ_ESYS;
     }
@@ -143,10 +159,34 @@ void nq__hint_free(nq_queue_t *q, char *hint) {
 #define NQ__H_GEN(h) ((uint32_t)((h) >> 32))
 #define NQ__HANDLE(index, gen) (((uint64_t)(gen) << 32) | ((uint64_t)(index) + 1))
 
+/* The slot of index, or NULL if its chunk is not allocated yet. */
 nq__hslot_t *nq__slot_at(nq_queue_t *q, uint32_t index) {
-    /* Acquire pairs with the release store that published the slot in
-     * nq_register: its lock and fields are initialised before we see it. */
-    return atomic_load_explicit(&q->table[index], memory_order_acquire);
+    /* Acquire pairs with the release store that published the chunk in
+     * nq__chunk_new: its slots' locks and fields are initialised before we
+     * see it. */
+    nq__hslot_t *c = atomic_load_explicit(&q->chunks[index >> NQ__CHUNK_SHIFT], memory_order_acquire);
+    return NQ__LIKELY(c != NULL) ? c + (index & (NQ__CHUNK_SLOTS - 1)) : NULL;
+}
+
+/* Under q->lock: allocates, charges and publishes chunk c. Its slots are
+ * free (not live, generation 0) until nq_register hands them out in order. */
+static int nq__chunk_new(nq_queue_t *q, uint32_t c) {
+    size_t bytes = nq__chunk_bytes(q, c);
+    if (nq__mem_reserve(q, bytes) < 0)
+        return NQ_ENOMEM;
+    nq__hslot_t *slots = nq__aligned_alloc(NQ__CACHELINE, bytes);
+    if (slots == NULL) {
+        nq__mem_release(q, bytes);
+        return NQ_ENOMEM;
+    }
+    memset(slots, 0, bytes);
+    for (size_t i = 0; i < bytes / sizeof(*slots); i++) {
+        nq__lock_init(&slots[i].lock);
+        atomic_init(&slots[i].seq, 0);
+    }
+    /* Release pairs with the acquire in nq__slot_at. */
+    atomic_store_explicit(&q->chunks[c], slots, memory_order_release);
+    return 0;
 }
 
 /* Locks the slot of a live handle h; NULL with *err = NQ_EBADH otherwise. */
@@ -202,18 +242,12 @@ int nq_register(nq_queue_t *q, const char *debug_hint, nq_handle_t *out) {
         s = nq__slot_at(q, idx);
         q->free_head = s->next_free;
     } else if (q->used < q->cfg.max_handles) {
-        if (nq__mem_reserve(q, sizeof(*s)) < 0) {
-            rc = NQ_ENOMEM;
-        } else if ((s = nq__aligned_alloc(NQ__CACHELINE, sizeof(*s))) == NULL) {
-            nq__mem_release(q, sizeof(*s));
-            rc = NQ_ENOMEM;
-        } else {
-            memset(s, 0, sizeof(*s));
-            nq__lock_init(&s->lock);
-            atomic_init(&s->seq, 0);
+        /* The first slot of a chunk: the chunk is allocated now. */
+        if ((q->used & (NQ__CHUNK_SLOTS - 1)) == 0)
+            rc = nq__chunk_new(q, q->used >> NQ__CHUNK_SHIFT);
+        if (rc == 0) {
             idx = q->used++;
-            /* Release pairs with the acquire in nq__slot_at. */
-            atomic_store_explicit(&q->table[idx], s, memory_order_release);
+            s = nq__slot_at(q, idx);
         }
     } else {
         rc = NQ_ELIMIT; /* every slot is live or retired */
@@ -302,7 +336,7 @@ int nq_notify(nq_queue_t *q, nq_handle_t h, int64_t arg) {
     atomic_store_explicit(&s->seq, atomic_load_explicit(&s->seq, memory_order_relaxed) + 1,
                           memory_order_relaxed);
 
-    if (NQ__LIKELY(s->nsubs == 0 && s->waiters == NULL)) {
+    if (NQ__LIKELY(s->nsubs == 0 && s->nwaiters == 0)) { /* the slot's first 32 bytes */
         nq__unlock(&s->lock);
         return 0;
     }
@@ -347,13 +381,13 @@ int nq_seq(nq_queue_t *q, nq_handle_t h, uint64_t *seq) {
 /* --- lifetime ----------------------------------------------------------- */
 
 static void nq__queue_destroy(nq_queue_t *q) {
-    for (uint32_t i = 0; i < q->used; i++) {
-        nq__hslot_t *s = nq__slot_at(q, i);
-        nq__free(s->subs);
-        nq__free(s);
-    }
+    for (uint32_t i = 0; i < q->used; i++)
+        nq__free(nq__slot_at(q, i)->subs);
+    /* Relaxed: the last unref (acq_rel) ordered every publication before us. */
+    for (uint32_t c = 0; c < nq__nchunks(q->cfg.max_handles); c++)
+        nq__free(atomic_load_explicit(&q->chunks[c], memory_order_relaxed));
     pthread_mutex_destroy(&q->lock);
-    nq__free(q->table);
+    nq__free(q->chunks);
     nq__free(q);
 }
 

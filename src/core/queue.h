@@ -1,7 +1,7 @@
 /* This file is private to libnq: the structures shared by the notification
  * queue (queue.c), waits (wait.c), subscriptions (sub.c) and ports (port.c).
  *
- * Locks, outermost first: q->lock (the table and the free list), a handle
+ * Locks, outermost first: q->lock (the chunk directory and the free list), a handle
  * slot's lock, a subscription's lock. No lock is held while a waker or a
  * user callback runs. A handle slot is never freed before the queue, so a
  * wait or subscription may always lock the slot it was created on; the
@@ -26,29 +26,48 @@
 #define NQ__MAX_WAITERS (1u << 20) /* largest max_waiters_per_handle */
 #define NQ__MAX_CAPACITY (1u << 28)
 
-/* One handle's state. 64 bytes: an idle handle costs one line. */
+/* One handle's state: 56 bytes, so an idle handle costs 56 bytes plus its
+ * share of the chunk directory (8 / NQ__CHUNK_SLOTS). What every notify
+ * touches comes first (bytes 0..31: the lock, gen, live, seq, last_arg and
+ * the two counts its fast path tests); waiters, subs and hint are read only
+ * when there is someone to deliver to. Slots sit NQ__CHUNK_SLOTS to a chunk
+ * (line-aligned), so a slot may share a cache line with its neighbours. */
 typedef struct nq__hslot {
     nq__lock_t lock;
     uint32_t gen;          /* under lock: generation of the live handle */
     _Atomic uint64_t seq;  /* notifications so far; written under lock */
-    int64_t last_arg;      /* under lock */
+    union {
+        int64_t last_arg;   /* under lock, while live */
+        uint32_t next_free; /* under q->lock, while free: free list link (index + 1) */
+    };
+    /* Bit-fields, all under lock (retired: and q->lock). */
+    uint32_t nwaiters : 21; /* <= NQ__MAX_WAITERS; 0 exactly when waiters is NULL */
+    uint32_t nsubs : 11;    /* <= NQ__MAX_SUBS */
+    uint32_t subs_cap : 11; /* entries allocated in subs */
+    uint32_t live : 1;
+    uint32_t retired : 1;  /* generation exhausted: never reused */
     struct nq_wait *waiters; /* under lock: doubly linked, oldest first */
     struct nq_sub **subs;  /* under lock: array of nsubs */
-    uint16_t nwaiters_hi;  /* (unused high half kept zero) */
-    uint16_t nsubs;
-    uint16_t subs_cap;
-    uint8_t live;          /* under lock */
-    uint8_t retired;       /* generation exhausted: never reused */
-    uint32_t nwaiters;
-    uint32_t next_free;    /* under q->lock: free list link (index + 1) */
     char *hint;            /* under lock */
 } nq__hslot_t;
+
+/* Slots come in chunks of NQ__CHUNK_SLOTS (the last one of a queue holds
+ * what is left of max_handles), allocated and charged when the first slot
+ * of a chunk is first needed. A chunk is never freed before the queue. */
+#define NQ__CHUNK_SHIFT 6
+#define NQ__CHUNK_SLOTS (1u << NQ__CHUNK_SHIFT)
+_Static_assert(sizeof(nq__hslot_t) == 56, "a handle slot is 56 bytes");
+_Static_assert(NQ__MAX_WAITERS < (1u << 21) && NQ__MAX_SUBS < (1u << 11),
+               "the slot's counts fit their bit-fields");
 
 struct nq_queue {
     nq_config_t cfg;
     uint32_t gen_mask;     /* generations wrap within this mask (tests narrow it) */
-    _Atomic(nq__hslot_t *) *table; /* max_handles entries, filled on demand */
-    pthread_mutex_t lock;  /* table growth, free list, counters below */
+    /* The chunk directory: chunk c holds slots c * NQ__CHUNK_SLOTS onwards.
+     * An entry is published (release) once its chunk's slots are
+     * initialised and read with acquire (nq__slot_at). */
+    _Atomic(nq__hslot_t *) *chunks;
+    pthread_mutex_t lock;  /* chunk allocation, free list, counters below */
     uint32_t used;         /* slots ever created */
     uint32_t free_head;    /* free list (index + 1), 0 = empty */
     uint32_t live;         /* live handles */
@@ -99,31 +118,39 @@ struct nq_wait {
     uint8_t cb_done;             /* port thread only */
 };
 
+/* What a port subscription adds (port.c), in the same allocation, after
+ * the ring; plain subscriptions have none (px == NULL). */
+typedef struct nq__sub_px {
+    _Atomic(struct nq_port *) port; /* read by wakers; the rest: port thread */
+    nq_sub_cb cb;
+    void *data;
+    uint32_t token;
+    uint8_t owned;               /* the port closes it (the caller kept no pointer) */
+    uint8_t in_cb, close_deferred;
+} nq__sub_px_t;
+
+/* One allocation: this header (104 bytes), the ring of capacity args, then,
+ * for a port subscription, its nq__sub_px_t. */
 struct nq_sub {
     nq_queue_t *q;
     uint32_t index, gen;
     nq__lock_t lock;
     uint32_t capacity;
     uint32_t head, count;        /* under lock; ring[head] is the oldest */
-    uint8_t closed;              /* under lock: the handle is gone */
-    uint8_t attached;            /* under the slot lock: in the slot's array */
-    nq_overflow_t overflow;
     _Atomic uint32_t ready;      /* bit 0: non-empty, bit 1: closed (for sleepers) */
     _Atomic uint32_t receiving;  /* a thread is blocked in nq_sub_recv */
+    _Atomic uint32_t inflight;
+    nq__park_t park;
     _Atomic uint64_t dropped;    /* written under lock; read lock-free */
     _Atomic uint64_t stored;     /* args stored (receivers reached); likewise */
     nq_waker_t waker;
-    _Atomic uint32_t inflight;
-    nq__park_t park;
     char *hint;
-    int64_t *ring;
-    /* port subscriptions (port thread), except port: read by wakers */
-    _Atomic(struct nq_port *) port;
-    uint32_t token;
-    nq_sub_cb cb;
-    void *data;
-    uint8_t port_owned, in_cb, close_deferred;
+    nq__sub_px_t *px;            /* set at creation, never changed */
+    uint8_t closed;              /* under lock: the handle is gone */
+    uint8_t attached;            /* under the slot lock: in the slot's array */
+    uint8_t overflow;            /* nq_overflow_t */
     uint8_t told_closed;         /* under lock: a receive returned NQ_ECLOSED */
+    int64_t ring[];              /* capacity args */
 };
 
 /* queue.c */
@@ -146,7 +173,7 @@ void nq__wait_quiesce(nq_wait_t *w);
 void nq__wait_unref(nq_wait_t *w);
 
 /* sub.c */
-typedef struct nq__sub_port { /* what a port subscription adds */
+typedef struct nq__sub_port { /* a port subscription's nq__sub_px_t, to copy */
     struct nq_port *port;
     uint32_t token;
     nq_sub_cb cb;
