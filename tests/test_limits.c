@@ -618,3 +618,148 @@ Test(limits, every_allocation_failure_is_enomem_and_leaves_nothing) {
     cr_assert_eq(nq_unregister(q, h), 0);
     nq_queue_free(q);
 }
+
+/* --- handle slots in chunks --------------------------------------------- */
+
+/* What a chunk of n slots is charged: its slots, rounded up to a line. */
+static size_t chunk_bytes(uint32_t n) {
+    size_t b = (size_t)n * sizeof(nq__hslot_t);
+    return (b + NQ__CACHELINE - 1) & ~(size_t)(NQ__CACHELINE - 1);
+}
+
+/* A forged handle: slot index (0-based) with generation 1. */
+static nq_handle_t forged(uint32_t index) {
+    return ((uint64_t)1 << 32) | ((uint64_t)index + 1);
+}
+
+/* Slots are charged a chunk at a time, when the first slot of a chunk is
+ * handed out; max_handles that is not a multiple of the chunk size gets a
+ * short last chunk; handles on both sides of a chunk boundary work; and
+ * unregistered slots are reused, in their chunks, without new memory. */
+Test(limits, handle_slots_come_in_chunks_charged_when_first_used) {
+    enum { C = NQ__CHUNK_SLOTS, N = 3 * C + 5 };
+    nq_config_t cfg;
+    nq_config_init(&cfg);
+    cfg.max_handles = N;
+    nq_queue_t *q = new_queue(&cfg);
+    nq_handle_t h[N];
+    size_t start = stats(q).bytes_held, total = 0;
+    for (uint32_t i = 0; i < N; i++) {
+        size_t before = stats(q).bytes_held;
+        h[i] = reg(q, NULL);
+        cr_assert_eq((uint32_t)h[i], i + 1, "slots are handed out in order");
+        size_t grew = stats(q).bytes_held - before;
+        size_t want = i % C != 0 ? 0 : chunk_bytes(N - i < C ? N - i : C);
+        cr_assert_eq(grew, want, "register #%u grew bytes_held by %zu, not %zu", i, grew, want);
+        total += grew;
+        /* A slot of the chunk not handed out yet is no handle. */
+        if (i % C != C - 1 && i + 1 < N)
+            cr_assert_eq(nq_notify(q, forged(i + 1), 0), NQ_EBADH);
+    }
+    cr_assert_eq(total, 3 * chunk_bytes(C) + chunk_bytes(5));
+    cr_log_info("%u handles in chunks of %u: %zu bytes of slots (%zu a full chunk, %zu the "
+                "last of 5), %.3f per handle",
+                (unsigned)N, (unsigned)C, total, chunk_bytes(C), chunk_bytes(5),
+                (double)total / N);
+    nq_handle_t x = 0;
+    cr_assert_eq(nq_register(q, NULL, &x), NQ_ELIMIT);
+    cr_assert_eq(stats(q).bytes_held, start + total);
+    /* Every handle is its own, across the boundaries. */
+    for (uint32_t i = 0; i < N; i++)
+        cr_assert_eq(nq_notify(q, h[i], (int64_t)i * 3), 0);
+    for (uint32_t i = 0; i < N; i++) {
+        uint64_t seq = 0;
+        cr_assert_eq(nq_seq(q, h[i], &seq), 0);
+        cr_assert_eq(seq, 1, "handle %u saw %llu notifies", i, (unsigned long long)seq);
+    }
+    const uint32_t edge[] = {C - 1, C, 2 * C - 1, 2 * C, 3 * C, N - 1};
+    nq_sub_t *s[6];
+    for (int k = 0; k < 6; k++)
+        s[k] = sub(q, h[edge[k]], 4);
+    for (int k = 0; k < 6; k++)
+        cr_assert_eq(nq_notify(q, h[edge[k]], edge[k]), 1);
+    for (int k = 0; k < 6; k++) {
+        int64_t arg = -1;
+        cr_assert_eq(nq_sub_try_recv(s[k], &arg), 0);
+        cr_assert_eq(arg, (int64_t)edge[k], "subscription on handle %u got %lld", edge[k],
+                     (long long)arg);
+        cr_assert_eq(nq_sub_try_recv(s[k], &arg), NQ_EAGAIN);
+        nq_sub_close(s[k]);
+    }
+    /* Unregister every other handle and the whole of chunk 1: register takes
+     * those slots back (no new chunk), under new generations. */
+    size_t held = stats(q).bytes_held;
+    uint32_t freed = 0;
+    for (uint32_t i = 0; i < N; i++) {
+        if (i % 2 == 0 || (i >= C && i < 2 * C)) {
+            cr_assert_eq(nq_unregister(q, h[i]), 0);
+            freed++;
+        }
+    }
+    for (uint32_t k = 0; k < freed; k++) {
+        nq_handle_t y = reg(q, NULL);
+        uint32_t i = (uint32_t)y - 1;
+        cr_assert_lt(i, (uint32_t)N);
+        cr_assert_neq(y, h[i], "a handle value was issued twice");
+        cr_assert_eq(nq_notify(q, h[i], 0), NQ_EBADH, "the old handle reached the new owner");
+        h[i] = y;
+    }
+    cr_assert_eq(nq_register(q, NULL, &x), NQ_ELIMIT);
+    cr_assert_eq(stats(q).bytes_held, held, "reused slots cost memory");
+    cr_assert_eq(stats(q).live_handles, (uint32_t)N);
+    for (uint32_t i = 0; i < N; i++)
+        cr_assert_eq(nq_notify(q, h[i], 1), 0);
+    nq_queue_free(q);
+}
+
+/* A chunk that cannot be charged or allocated refuses the registration with
+ * NQ_ENOMEM and leaves nothing behind; the next one that can, takes the
+ * same slot; slots of chunks already held still register. */
+Test(limits, a_chunk_that_cannot_be_charged_or_allocated_is_enomem) {
+    enum { C = NQ__CHUNK_SLOTS };
+    nq_config_t cfg;
+    nq_config_init(&cfg);
+    cfg.max_handles = 4 * C;
+    nq_queue_t *probe = new_queue(&cfg);
+    size_t empty = stats(probe).bytes_held;
+    nq_queue_free(probe);
+    /* Room for one chunk and 100 bytes of the next. */
+    cfg.memory_limit = empty + chunk_bytes(C) + 100;
+    nq_queue_t *q = new_queue(&cfg);
+    nq_handle_t h[C];
+    for (uint32_t i = 0; i < C; i++)
+        h[i] = reg(q, NULL);
+    nq_stats_t full = stats(q);
+    nq_handle_t x = 7;
+    for (int k = 0; k < 3; k++) {
+        cr_assert_eq(nq_register(q, NULL, &x), NQ_ENOMEM);
+        cr_assert_eq(x, 0);
+    }
+    cr_assert_eq(stats(q).bytes_held, full.bytes_held, "a refused chunk kept memory");
+    cr_assert_eq(stats(q).live_handles, (uint32_t)C);
+    cr_assert_eq(nq_notify(q, forged(C), 0), NQ_EBADH, "a slot of an unallocated chunk");
+    /* A freed slot of the held chunk registers without a new chunk. */
+    cr_assert_eq(nq_unregister(q, h[5]), 0);
+    h[5] = reg(q, NULL);
+    cr_assert_eq((uint32_t)h[5], 6);
+    cr_assert_eq(nq_register(q, NULL, &x), NQ_ENOMEM);
+    nq_queue_free(q);
+
+    /* The same with the chunk's allocation failing, under no memory limit. */
+    nq_config_init(&cfg);
+    cfg.max_handles = 4 * C;
+    q = new_queue(&cfg);
+    for (uint32_t i = 0; i < C; i++)
+        reg(q, NULL);
+    size_t before = stats(q).bytes_held;
+    nq__alloc_fail_at(1, 0);
+    cr_assert_eq(nq_register(q, NULL, &x), NQ_ENOMEM);
+    cr_assert_eq(nq__alloc_fail_at(0, 0), 1, "the chunk's allocation was not the one refused");
+    cr_assert_eq(stats(q).bytes_held, before);
+    cr_assert_eq(stats(q).live_handles, (uint32_t)C);
+    x = reg(q, NULL);
+    cr_assert_eq((uint32_t)x, C + 1, "the retry did not take the first slot of the new chunk");
+    cr_assert_eq(stats(q).bytes_held, before + chunk_bytes(C));
+    cr_assert_eq(nq_notify(q, x, 9), 0);
+    nq_queue_free(q);
+}

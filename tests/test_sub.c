@@ -987,3 +987,83 @@ Test(sub, fifo_per_producer_and_exact_accounting_under_concurrency, .timeout = 6
         nq_sub_close(f.s[k]);
     nq_queue_free(f.q);
 }
+
+/* --- what a subscription costs, and its one allocation --------------------- */
+
+static void never_cb(nq_sub_t *s, void *data) {
+    (void)s;
+    (void)data;
+    cr_assert_fail("a port callback ran");
+}
+
+/* A plain subscription is charged its header and its ring; a port
+ * subscription its port part on top; the first on a handle also the
+ * handle's subscriber array (2 pointers). Closing returns all but the array. */
+Test(sub, a_subscription_is_charged_header_ring_and_port_part_exactly) {
+    nq_queue_t *q = new_queue(NULL);
+    nq_port_t *p;
+    cr_assert_eq(nq_port_new(&p), 0);
+    nq_handle_t h = reg(q);
+    nq_sub_opts_t o; /* no debug hint: it would be charged too */
+    memset(&o, 0, sizeof(o));
+    o.capacity = 1000;
+    size_t b0 = stats(q).bytes_held;
+    nq_sub_t *s, *ps;
+    cr_assert_eq(nq_subscribe(q, h, &o, &s), 0);
+    size_t b1 = stats(q).bytes_held;
+    cr_assert_eq(b1 - b0, sizeof(nq_sub_t) + 1000 * sizeof(int64_t) + 2 * sizeof(void *));
+    cr_assert_eq(nq_port_subscribe(p, q, h, &o, never_cb, NULL, &ps), 0);
+    size_t b2 = stats(q).bytes_held;
+    cr_assert_eq(b2 - b1, sizeof(nq_sub_t) + 1000 * sizeof(int64_t) + sizeof(nq__sub_px_t));
+    cr_log_info("a subscription of capacity 1000: %zu bytes (%zu over its ring, with the "
+                "handle's subscriber array), a port subscription %zu (%zu over its ring)",
+                b1 - b0, b1 - b0 - 8000, b2 - b1, b2 - b1 - 8000);
+    cr_assert_leq(b1 - b0 - 8000, 128, "the fixed part of a subscription grew past 128 bytes");
+    nq_sub_close(ps);
+    nq_sub_close(s);
+    cr_assert_eq(stats(q).bytes_held, b0 + 2 * sizeof(void *));
+    nq_port_free(p);
+    nq_queue_free(q);
+}
+
+static void count_cb(nq_sub_t *s, void *data) {
+    int64_t args[8];
+    int n;
+    while ((n = nq_sub_recv_batch(s, args, 8)) > 0)
+        for (int i = 0; i < n; i++)
+            cr_assert_eq(args[i], -1);
+    (*(int *)data)++;
+}
+
+/* The port part sits right after the ring, in the same allocation: rings
+ * kept full with all-ones args (both policies, small capacities) must leave
+ * the port, token, callback and data intact. */
+Test(sub, a_full_ring_leaves_the_port_part_after_it_intact) {
+    nq_queue_t *q = new_queue(NULL);
+    nq_port_t *p;
+    cr_assert_eq(nq_port_new(&p), 0);
+    nq_handle_t h = reg(q);
+    enum { K = 6 };
+    nq_sub_t *s[K];
+    int calls[K] = {0};
+    for (int k = 0; k < K; k++) {
+        nq_sub_opts_t o;
+        memset(&o, 0, sizeof(o));
+        o.capacity = 1 + (uint32_t)k / 2;
+        o.overflow = k % 2 ? NQ_DROP_OLDEST : NQ_DROP_NEWEST;
+        cr_assert_eq(nq_port_subscribe(p, q, h, &o, count_cb, &calls[k], &s[k]), 0);
+    }
+    for (int round = 0; round < 3; round++) {
+        for (int i = 0; i < 10; i++)
+            cr_assert_geq(nq_notify(q, h, -1), K / 2, "the drop-oldest ones always store");
+        cr_assert_geq(nq_port_dispatch(p, 0), 0);
+    }
+    for (int k = 0; k < K; k++) {
+        uint64_t cap = 1 + (uint64_t)k / 2;
+        cr_assert_eq(calls[k], 3, "subscription %d: %d callbacks", k, calls[k]);
+        cr_assert_eq(nq_sub_dropped(s[k]), 3 * (10 - cap), "subscription %d", k);
+        nq_sub_close(s[k]);
+    }
+    nq_port_free(p);
+    nq_queue_free(q);
+}
