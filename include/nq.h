@@ -184,8 +184,9 @@ NQ_EXTERN int nq_evq_stats(const nq_evq_t *e, nq_evq_stats_t *out);
  * wait for "a notification after the count I saw" with no lock held across
  * the two (see nq_wait).
  *
- * Memory: the handle index table (8 bytes per handle of max_handles) is
- * allocated by nq_queue_new. Handle slots, waits and subscriptions are
+ * Memory: the handle index (8 bytes per 64 handles of max_handles) is
+ * allocated by nq_queue_new. Handle slots (56 bytes each, allocated 64 at a
+ * time when the first of them is needed), waits and subscriptions are
  * allocated when created, up to the limits in nq_config_t, and counted
  * against memory_limit; nothing is allocated by nq_notify. A handle slot is
  * reused by later registrations (with a new generation) and freed with the

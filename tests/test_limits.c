@@ -170,7 +170,7 @@ Test(limits, queue_new_rejects_bad_configurations) {
     cfg = base;
     cfg.default_capacity = cfg.max_capacity + 1;
     cr_assert_eq(nq_queue_new(&cfg, &q), NQ_EINVAL);
-    /* A memory limit too small for the handle table itself. */
+    /* A memory limit too small for the handle index itself. */
     cfg = base;
     cfg.memory_limit = 100;
     cr_assert_eq(nq_queue_new(&cfg, &q), NQ_ENOMEM);

@@ -719,7 +719,7 @@ Test(notify, stats_count_exactly_in_a_single_thread) {
     cr_assert_eq(z.live_waits, 0);
     cr_assert_eq(z.live_subs, 0);
     cr_assert_eq(z.waits_pending, 0);
-    cr_assert_gt(z.bytes_held, 0, "the handle table is held");
+    cr_assert_gt(z.bytes_held, 0, "the handle index is held");
     cr_assert_leq(z.bytes_held, z.memory_limit);
     size_t base = z.bytes_held;
 
