@@ -996,7 +996,7 @@ static void never_cb(nq_sub_t *s, void *data) {
     cr_assert_fail("a port callback ran");
 }
 
-/* A plain subscription is charged its header and its ring; a port
+/* A plain subscription is charged its struct and its ring; a port
  * subscription its port part on top; the first on a handle also the
  * handle's subscriber array (2 pointers). Closing returns all but the array. */
 Test(sub, a_subscription_is_charged_header_ring_and_port_part_exactly) {
@@ -1035,9 +1035,10 @@ static void count_cb(nq_sub_t *s, void *data) {
     (*(int *)data)++;
 }
 
-/* The port part sits right after the ring, in the same allocation: rings
- * kept full with all-ones args (both policies, small capacities) must leave
- * the port, token, callback and data intact. */
+/* The port part sits right after the subscription's struct, in the same
+ * allocation: subscriptions kept full with all-ones args (both policies,
+ * small capacities) must keep their own port, token, callback and data,
+ * and count their drops exactly. */
 Test(sub, a_full_ring_leaves_the_port_part_after_it_intact) {
     nq_queue_t *q = new_queue(NULL);
     nq_port_t *p;

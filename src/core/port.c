@@ -235,11 +235,12 @@ static void nq__port_wait_wake(void *ctx) {
 }
 
 void nq__port_sub_wake(nq_sub_t *s) {
-    if (s->px == NULL)
+    nq__sub_px_t *px = nq__sub_px(s);
+    if (px == NULL)
         return;
-    nq_port_t *p = atomic_load_explicit(&s->px->port, memory_order_relaxed);
+    nq_port_t *p = atomic_load_explicit(&px->port, memory_order_relaxed);
     if (p != NULL)
-        nq__port_signal(p, s->px->token);
+        nq__port_signal(p, px->token);
 }
 
 /* --- tokens and the deadline heap (loop thread) -------------------------- */
@@ -425,7 +426,7 @@ int nq_port_subscribe(nq_port_t *p, nq_queue_t *q, nq_handle_t h, const nq_sub_o
 
 /* nq_sub_close on a port subscription (on the port's thread). */
 void nq__port_sub_close(nq_sub_t *s) {
-    nq__sub_px_t *px = s->px;
+    nq__sub_px_t *px = nq__sub_px(s);
     nq_port_t *p = atomic_load_explicit(&px->port, memory_order_relaxed);
     if (p != NULL && px->in_cb) {
         px->close_deferred = 1; /* freed when its callback returns */
@@ -451,7 +452,7 @@ static int nq__port_run_sub(nq_port_t *p, nq_sub_t *s) {
     uint32_t ready = atomic_load_explicit(&s->ready, memory_order_acquire);
     if (ready == 0 || (!(ready & 1u) && nq__sub_told_closed(s)))
         return 0; /* spurious, or closed, drained and already told */
-    nq__sub_px_t *px = s->px;
+    nq__sub_px_t *px = nq__sub_px(s);
     px->in_cb = 1;
     atomic_fetch_add_explicit(&p->callbacks, 1, memory_order_relaxed);
     px->cb(s, px->data);
@@ -652,10 +653,10 @@ static void nq__port_destroy(nq_port_t *p) {
         /* Unhook the port under the sub's lock, then wait for wakers that
          * may still be signalling it. */
         nq__lock(&s->lock);
-        atomic_store_explicit(&s->px->port, NULL, memory_order_relaxed);
+        atomic_store_explicit(&nq__sub_px(s)->port, NULL, memory_order_relaxed);
         nq__unlock(&s->lock);
         nq__port_untoken(p, t);
-        if (s->px->owned) {
+        if (nq__sub_px(s)->owned) {
             nq__sub_detach(s);
             nq__sub_destroy(s);
         } else {

@@ -118,8 +118,8 @@ struct nq_wait {
     uint8_t cb_done;             /* port thread only */
 };
 
-/* What a port subscription adds (port.c), in the same allocation, after
- * the ring; plain subscriptions have none (px == NULL). */
+/* What a port subscription adds (port.c): allocated with its struct nq_sub,
+ * right after it (nq__sub_px); plain subscriptions have none. */
 typedef struct nq__sub_px {
     _Atomic(struct nq_port *) port; /* read by wakers; the rest: port thread */
     nq_sub_cb cb;
@@ -129,8 +129,10 @@ typedef struct nq__sub_px {
     uint8_t in_cb, close_deferred;
 } nq__sub_px_t;
 
-/* One allocation: this header (104 bytes), the ring of capacity args, then,
- * for a port subscription, its nq__sub_px_t. */
+/* 104 bytes, + 32 (nq__sub_px_t) in the same allocation for a port
+ * subscription. The ring is an allocation of its own: capacities are mostly
+ * powers of two, which allocators serve exactly, and the ring with the
+ * header would not be (jemalloc serves 104 + 8192 bytes from its 10240 class). */
 struct nq_sub {
     nq_queue_t *q;
     uint32_t index, gen;
@@ -145,13 +147,19 @@ struct nq_sub {
     _Atomic uint64_t stored;     /* args stored (receivers reached); likewise */
     nq_waker_t waker;
     char *hint;
-    nq__sub_px_t *px;            /* set at creation, never changed */
+    int64_t *ring;               /* capacity args */
     uint8_t closed;              /* under lock: the handle is gone */
     uint8_t attached;            /* under the slot lock: in the slot's array */
     uint8_t overflow;            /* nq_overflow_t */
     uint8_t told_closed;         /* under lock: a receive returned NQ_ECLOSED */
-    int64_t ring[];              /* capacity args */
+    uint8_t port_sub;            /* set at creation: an nq__sub_px_t follows */
 };
+_Static_assert(sizeof(struct nq_sub) == 104, "a subscription's header is 104 bytes");
+
+/* The port part of s, or NULL for a plain subscription. */
+static inline nq__sub_px_t *nq__sub_px(struct nq_sub *s) {
+    return s->port_sub ? (nq__sub_px_t *)(s + 1) : NULL;
+}
 
 /* queue.c */
 nq__hslot_t *nq__slot_lock(nq_queue_t *q, nq_handle_t h, int *err);

@@ -31,7 +31,8 @@
 #define NQ__READY_DATA 1u
 #define NQ__READY_CLOSED 2u
 
-/* The one allocation of a subscription (queue.h: struct nq_sub). */
+/* What a subscription allocates (queue.h: struct nq_sub): the struct, with
+ * the port part for a port subscription, and the ring. */
 static size_t nq__sub_bytes(uint32_t capacity, int port) {
     return sizeof(nq_sub_t) + (size_t)capacity * sizeof(int64_t) +
            (port ? sizeof(nq__sub_px_t) : 0);
@@ -53,29 +54,30 @@ int nq__sub_new(nq_queue_t *q, nq_handle_t h, const nq_sub_opts_t *opts,
     size_t bytes = nq__sub_bytes(cap, pp != NULL);
     if (nq__mem_reserve(q, bytes) < 0)
         return NQ_ENOMEM;
-    /* Not zeroed: a large ring's pages stay untouched until args land. */
-    nq_sub_t *s = nq__malloc(bytes);
+    nq_sub_t *s = nq__calloc(1, sizeof(*s) + (pp != NULL ? sizeof(nq__sub_px_t) : 0));
+    int64_t *ring = nq__malloc((size_t)cap * sizeof(int64_t));
     size_t hint_bytes = 0;
     char *hint = nq__hint_dup(q, o.debug_hint, &hint_bytes);
     int rc = 0;
-    if (s == NULL || (o.debug_hint != NULL && o.debug_hint[0] != '\0' && hint == NULL)) {
+    if (s == NULL || ring == NULL ||
+        (o.debug_hint != NULL && o.debug_hint[0] != '\0' && hint == NULL)) {
         rc = NQ_ENOMEM;
         goto fail;
     }
-    memset(s, 0, sizeof(*s));
     s->q = q;
     s->capacity = cap;
     s->overflow = (uint8_t)o.overflow;
     s->waker = o.waker;
+    s->ring = ring;
     s->hint = hint;
     if (pp != NULL) {
-        s->px = (nq__sub_px_t *)(s->ring + cap); /* 8-aligned, like the ring */
-        memset(s->px, 0, sizeof(*s->px));
-        atomic_init(&s->px->port, pp->port);
-        s->px->token = pp->token;
-        s->px->cb = pp->cb;
-        s->px->data = pp->data;
-        s->px->owned = pp->owned;
+        s->port_sub = 1;
+        nq__sub_px_t *px = nq__sub_px(s);
+        atomic_init(&px->port, pp->port);
+        px->token = pp->token;
+        px->cb = pp->cb;
+        px->data = pp->data;
+        px->owned = pp->owned;
     }
     atomic_init(&s->ready, 0);
     atomic_init(&s->receiving, 0);
@@ -160,6 +162,7 @@ fail_arr:
     nq__mem_release(q, stale_bytes);
 fail:
     nq__hint_free(q, hint);
+    nq__free(ring);
     nq__free(s);
     nq__mem_release(q, bytes);
     return rc;
@@ -386,7 +389,8 @@ void nq__sub_destroy(nq_sub_t *s) {
     nq_queue_t *q = s->q;
     atomic_fetch_sub_explicit(&q->live_subs, 1, memory_order_relaxed);
     nq__hint_free(q, s->hint);
-    nq__mem_release(q, nq__sub_bytes(s->capacity, s->px != NULL));
+    nq__free(s->ring);
+    nq__mem_release(q, nq__sub_bytes(s->capacity, s->port_sub));
     nq__free(s);
     nq__queue_unref(q);
 }
@@ -394,7 +398,7 @@ void nq__sub_destroy(nq_sub_t *s) {
 void nq_sub_close(nq_sub_t *s) {
     if (s == NULL)
         return;
-    if (s->px != NULL) { /* a port subscription, even if its port is gone */
+    if (s->port_sub) { /* a port subscription, even if its port is gone */
         nq__port_sub_close(s);
         return;
     }
