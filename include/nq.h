@@ -230,11 +230,11 @@ NQ_EXTERN void nq_queue_free(nq_queue_t *q);
 
 /* debug_hint (may be NULL) is copied (first 63 bytes) and shown by
  * nq_queue_dump. NQ_ELIMIT at max_handles, NQ_ENOMEM at memory_limit.
- * Slots (56 bytes) are handed out in order, then the most recently freed
- * first, so handles registered one after another are usually neighbours and
- * share cache lines: two threads that each notify one of two neighbouring
- * handles at a high rate slow each other down a little (the line moves
- * between their cores); handles 2 or more slots apart share none. */
+ * Slots are handed out in order, then the most recently freed first, and
+ * what a notify writes in a slot takes half a cache line: the handles of
+ * slots 2k and 2k + 1 (often two registered one after the other) share one.
+ * Two threads that each notify one of such a pair at a high rate slow each
+ * other down a little (the line moves between their cores). */
 NQ_EXTERN int nq_register(nq_queue_t *q, const char *debug_hint, nq_handle_t *out);
 
 /* Waits pending on h complete with NQ_ECLOSED; subscriptions on h deliver

@@ -621,9 +621,10 @@ Test(limits, every_allocation_failure_is_enomem_and_leaves_nothing) {
 
 /* --- handle slots in chunks --------------------------------------------- */
 
-/* What a chunk of n slots is charged: its slots, rounded up to a line. */
+/* What a chunk of n slots is charged: their hot and cold parts, rounded up
+ * to a line. */
 static size_t chunk_bytes(uint32_t n) {
-    size_t b = (size_t)n * sizeof(nq__hslot_t);
+    size_t b = (size_t)n * (sizeof(nq__hslot_t) + sizeof(nq__hcold_t));
     return (b + NQ__CACHELINE - 1) & ~(size_t)(NQ__CACHELINE - 1);
 }
 
@@ -761,5 +762,42 @@ Test(limits, a_chunk_that_cannot_be_charged_or_allocated_is_enomem) {
     cr_assert_eq((uint32_t)x, C + 1, "the retry did not take the first slot of the new chunk");
     cr_assert_eq(stats(q).bytes_held, before + chunk_bytes(C));
     cr_assert_eq(nq_notify(q, x, 9), 0);
+    nq_queue_free(q);
+}
+
+typedef struct range {
+    uintptr_t lo, hi;
+} range_t;
+
+static int range_cmp(const void *a, const void *b) {
+    const range_t *x = a, *y = b;
+    return x->lo < y->lo ? -1 : x->lo > y->lo;
+}
+
+/* Within a chunk: the hot parts are 32-byte aligned (never across two cache
+ * lines), and every slot's hot and cold parts lie inside the bytes charged
+ * for its chunk, overlapping nothing else, the short last chunk included. */
+Test(limits, slot_parts_are_aligned_disjoint_and_inside_their_chunk) {
+    enum { C = NQ__CHUNK_SLOTS, N = 3 * C + 5 };
+    nq_config_t cfg;
+    nq_config_init(&cfg);
+    cfg.max_handles = N;
+    nq_queue_t *q = new_queue(&cfg);
+    for (uint32_t i = 0; i < N; i++)
+        reg(q, NULL);
+    static range_t r[2 * N];
+    for (uint32_t i = 0; i < N; i++) {
+        uintptr_t hot = (uintptr_t)nq__slot_at(q, i), cold = (uintptr_t)nq__slot_cold(q, i);
+        uintptr_t base = (uintptr_t)nq__slot_at(q, i & ~(uint32_t)(C - 1));
+        size_t bytes = chunk_bytes(N - (i & ~(uint32_t)(C - 1)) < C ? N - (i & ~(uint32_t)(C - 1)) : C);
+        cr_assert_eq(hot % 32, 0, "slot %u: hot part at %#lx", i, (unsigned long)hot);
+        cr_assert(hot >= base && hot + sizeof(nq__hslot_t) <= base + bytes, "slot %u: hot part outside", i);
+        cr_assert(cold >= base && cold + sizeof(nq__hcold_t) <= base + bytes, "slot %u: cold part outside", i);
+        r[2 * i] = (range_t){hot, hot + sizeof(nq__hslot_t)};
+        r[2 * i + 1] = (range_t){cold, cold + sizeof(nq__hcold_t)};
+    }
+    qsort(r, 2 * N, sizeof(r[0]), range_cmp);
+    for (uint32_t k = 1; k < 2 * N; k++)
+        cr_assert_leq(r[k - 1].hi, r[k].lo, "two slot parts overlap");
     nq_queue_free(q);
 }

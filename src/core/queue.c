@@ -44,20 +44,22 @@ static uint32_t nq__nchunks(uint32_t max_handles) {
     return (max_handles + NQ__CHUNK_SLOTS - 1) >> NQ__CHUNK_SHIFT;
 }
 
-/* Bytes of chunk c as allocated (and charged): its slots, rounded up to a
- * cache line by nq__aligned_alloc. */
+/* Slots in chunk c: NQ__CHUNK_SLOTS, or what is left of max_handles. */
+static inline uint32_t nq__chunk_slots(const nq_queue_t *q, uint32_t c) {
+    uint32_t n = q->cfg.max_handles - (c << NQ__CHUNK_SHIFT);
+    return n > NQ__CHUNK_SLOTS ? NQ__CHUNK_SLOTS : n;
+}
+
+/* Bytes of chunk c as allocated (and charged): its slots' hot and cold
+ * parts, rounded up to a cache line by nq__aligned_alloc. */
 static size_t nq__chunk_bytes(const nq_queue_t *q, uint32_t c) {
-    uint32_t first = c << NQ__CHUNK_SHIFT;
-    uint32_t n = q->cfg.max_handles - first;
-    if (n > NQ__CHUNK_SLOTS)
-        n = NQ__CHUNK_SLOTS;
-    size_t b = (size_t)n * sizeof(nq__hslot_t);
+    size_t b = (size_t)nq__chunk_slots(q, c) * (sizeof(nq__hslot_t) + sizeof(nq__hcold_t));
     return (b + NQ__CACHELINE - 1) & ~(size_t)(NQ__CACHELINE - 1);
 }
 
 /* 0 = derived: what the limits can use at most, saturated. */
 static size_t nq__derived_memory(const nq_config_t *c) {
-    double per_handle = (double)sizeof(nq__hslot_t) + NQ__HINT_MAX +
+    double per_handle = (double)sizeof(nq__hslot_t) + sizeof(nq__hcold_t) + NQ__HINT_MAX +
                         (double)c->max_waiters_per_handle * sizeof(struct nq_wait) +
                         (double)c->max_subscribers_per_handle *
                             (sizeof(struct nq_sub) + NQ__HINT_MAX + sizeof(void *) +
@@ -168,6 +170,14 @@ nq__hslot_t *nq__slot_at(nq_queue_t *q, uint32_t index) {
     return NQ__LIKELY(c != NULL) ? c + (index & (NQ__CHUNK_SLOTS - 1)) : NULL;
 }
 
+nq__hcold_t *nq__slot_cold(nq_queue_t *q, uint32_t index) {
+    uint32_t c = index >> NQ__CHUNK_SHIFT;
+    /* Relaxed: the caller found the hot part, which ordered the chunk's
+     * initialisation before it (acquire in nq__slot_at). */
+    nq__hslot_t *hot = atomic_load_explicit(&q->chunks[c], memory_order_relaxed);
+    return (nq__hcold_t *)(hot + nq__chunk_slots(q, c)) + (index & (NQ__CHUNK_SLOTS - 1));
+}
+
 /* Under q->lock: allocates, charges and publishes chunk c. Its slots are
  * free (not live, generation 0) until nq_register hands them out in order. */
 static int nq__chunk_new(nq_queue_t *q, uint32_t c) {
@@ -180,7 +190,7 @@ static int nq__chunk_new(nq_queue_t *q, uint32_t c) {
         return NQ_ENOMEM;
     }
     memset(slots, 0, bytes);
-    for (size_t i = 0; i < bytes / sizeof(*slots); i++) {
+    for (size_t i = 0; i < nq__chunk_slots(q, c); i++) {
         nq__lock_init(&slots[i].lock);
         atomic_init(&slots[i].seq, 0);
     }
@@ -264,7 +274,7 @@ int nq_register(nq_queue_t *q, const char *debug_hint, nq_handle_t *out) {
     s->live = 1;
     s->last_arg = 0;
     atomic_store_explicit(&s->seq, 0, memory_order_relaxed);
-    s->hint = hint;
+    nq__slot_cold(q, idx)->hint = hint;
     *out = NQ__HANDLE(idx, s->gen);
     nq__unlock(&s->lock);
     q->live++;
@@ -282,16 +292,17 @@ int nq_unregister(nq_queue_t *q, nq_handle_t h) {
         pthread_mutex_unlock(&q->lock);
         return err;
     }
+    nq__hcold_t *cold = nq__slot_cold(q, NQ__H_INDEX(h) - 1);
     nq_wait_t *done = NULL;
     nq_sub_t *wake[NQ__MAX_SUBS];
     unsigned nwake = 0;
 
     s->live = 0;
-    while (s->waiters != NULL)
-        nq__wait_complete_locked(s->waiters, NQ_ECLOSED, 0, &done);
+    while (cold->waiters != NULL)
+        nq__wait_complete_locked(cold->waiters, NQ_ECLOSED, 0, &done);
     for (unsigned i = 0; i < s->nsubs; i++) {
         nq_sub_t *w = NULL;
-        nq__sub_close_locked(s->subs[i], &w);
+        nq__sub_close_locked(cold->subs[i], &w);
         if (w != NULL)
             wake[nwake++] = w;
     }
@@ -299,8 +310,8 @@ int nq_unregister(nq_queue_t *q, nq_handle_t h) {
     atomic_fetch_add_explicit(&q->notifies_gone,
                               atomic_load_explicit(&s->seq, memory_order_relaxed),
                               memory_order_relaxed);
-    char *hint = s->hint;
-    s->hint = NULL;
+    char *hint = cold->hint;
+    cold->hint = NULL;
     /* A slot whose next generation would wrap is retired for good, so no
      * handle value is ever issued twice for it. */
     if (((s->gen + 1) & q->gen_mask) == 0 || s->gen == q->gen_mask) {
@@ -341,17 +352,18 @@ int nq_notify(nq_queue_t *q, nq_handle_t h, int64_t arg) {
         return 0;
     }
 
+    nq__hcold_t *cold = nq__slot_cold(q, NQ__H_INDEX(h) - 1);
     nq_sub_t *wake[NQ__MAX_SUBS];
     unsigned nwake = 0;
     for (unsigned i = 0; i < s->nsubs; i++) {
         nq_sub_t *w = NULL;
-        reached += nq__sub_push_locked(s->subs[i], arg, &w);
+        reached += nq__sub_push_locked(cold->subs[i], arg, &w);
         if (w != NULL)
             wake[nwake++] = w;
     }
     nq_wait_t *done = NULL;
     uint64_t seq = atomic_load_explicit(&s->seq, memory_order_relaxed);
-    for (nq_wait_t *w = s->waiters, *next; w != NULL; w = next) {
+    for (nq_wait_t *w = cold->waiters, *next; w != NULL; w = next) {
         next = w->next;
         if (w->after < seq) { /* the first notification numbered after `after` */
             nq__wait_complete_locked(w, 0, arg, &done);
@@ -382,7 +394,7 @@ int nq_seq(nq_queue_t *q, nq_handle_t h, uint64_t *seq) {
 
 static void nq__queue_destroy(nq_queue_t *q) {
     for (uint32_t i = 0; i < q->used; i++)
-        nq__free(nq__slot_at(q, i)->subs);
+        nq__free(nq__slot_cold(q, i)->subs);
     /* Relaxed: the last unref (acq_rel) ordered every publication before us. */
     for (uint32_t c = 0; c < nq__nchunks(q->cfg.max_handles); c++)
         nq__free(atomic_load_explicit(&q->chunks[c], memory_order_relaxed));
@@ -436,9 +448,10 @@ int nq_queue_stats(const nq_queue_t *cq, nq_stats_t *out) {
             notifies += atomic_load_explicit(&s->seq, memory_order_relaxed);
             out->waits_pending += s->nwaiters;
         }
+        nq__hcold_t *cold = nq__slot_cold(q, i);
         for (unsigned j = 0; j < s->nsubs; j++) {
-            drops += atomic_load_explicit(&s->subs[j]->dropped, memory_order_relaxed);
-            stored += atomic_load_explicit(&s->subs[j]->stored, memory_order_relaxed);
+            drops += atomic_load_explicit(&cold->subs[j]->dropped, memory_order_relaxed);
+            stored += atomic_load_explicit(&cold->subs[j]->stored, memory_order_relaxed);
         }
         nq__unlock(&s->lock);
     }
@@ -470,20 +483,21 @@ int nq_queue_dump(const nq_queue_t *cq, FILE *f) {
     pthread_mutex_lock(&q->lock);
     for (uint32_t i = 0; i < q->used; i++) {
         nq__hslot_t *s = nq__slot_at(q, i);
+        nq__hcold_t *cold = nq__slot_cold(q, i);
         nq__lock(&s->lock);
         if (!s->live) {
             nq__unlock(&s->lock);
             continue;
         }
         fprintf(f, "  handle %#" PRIx64 " \"%s\": seq %" PRIu64 ", %" PRIu32 " waiters, %u subscribers\n",
-                NQ__HANDLE(i, s->gen), s->hint ? s->hint : "", 
+                NQ__HANDLE(i, s->gen), cold->hint ? cold->hint : "", 
                 atomic_load_explicit(&s->seq, memory_order_relaxed), s->nwaiters,
                 (unsigned)s->nsubs);
-        for (nq_wait_t *w = s->waiters; w != NULL; w = w->next)
+        for (nq_wait_t *w = cold->waiters; w != NULL; w = w->next)
             fprintf(f, "    wait %p (%s)\n", (void *)w,
                     w->kind == NQ__WK_PORT ? "port" : w->kind == NQ__WK_THREAD ? "thread" : "waker");
         for (unsigned j = 0; j < s->nsubs; j++) {
-            nq_sub_t *sub = s->subs[j];
+            nq_sub_t *sub = cold->subs[j];
             nq__lock(&sub->lock);
             fprintf(f, "    sub \"%s\": depth %" PRIu32 "/%" PRIu32 ", dropped %" PRIu64 ", %s\n",
                     sub->hint ? sub->hint : "", sub->count, sub->capacity,

@@ -26,12 +26,14 @@
 #define NQ__MAX_WAITERS (1u << 20) /* largest max_waiters_per_handle */
 #define NQ__MAX_CAPACITY (1u << 28)
 
-/* One handle's state: 56 bytes, so an idle handle costs 56 bytes plus its
- * share of the chunk directory (8 / NQ__CHUNK_SLOTS). What every notify
- * touches comes first (bytes 0..31: the lock, gen, live, seq, last_arg and
- * the two counts its fast path tests); waiters, subs and hint are read only
- * when there is someone to deliver to. Slots sit NQ__CHUNK_SLOTS to a chunk
- * (line-aligned), so a slot may share a cache line with its neighbours. */
+/* One handle's state: 56 bytes in two parts, so an idle handle costs 56
+ * bytes plus its share of the chunk directory (8 / NQ__CHUNK_SLOTS). The
+ * hot part (32 bytes: the lock, gen, live, seq, last_arg and the counts the
+ * fast path tests) is all a notify without receivers touches, and all it
+ * writes with subscribers; the cold part (waiters, subs, hint) is read when
+ * there is someone to deliver to. A chunk of n slots holds the n hot parts
+ * (32-byte aligned: one never straddles two cache lines, two neighbours
+ * share one), then the n cold parts. */
 typedef struct nq__hslot {
     nq__lock_t lock;
     uint32_t gen;          /* under lock: generation of the live handle */
@@ -46,17 +48,21 @@ typedef struct nq__hslot {
     uint32_t subs_cap : 11; /* entries allocated in subs */
     uint32_t live : 1;
     uint32_t retired : 1;  /* generation exhausted: never reused */
-    struct nq_wait *waiters; /* under lock: doubly linked, oldest first */
-    struct nq_sub **subs;  /* under lock: array of nsubs */
-    char *hint;            /* under lock */
 } nq__hslot_t;
+
+typedef struct nq__hcold { /* all under the hot part's lock */
+    struct nq_wait *waiters; /* doubly linked, oldest first */
+    struct nq_sub **subs;  /* array of nsubs */
+    char *hint;
+} nq__hcold_t;
 
 /* Slots come in chunks of NQ__CHUNK_SLOTS (the last one of a queue holds
  * what is left of max_handles), allocated and charged when the first slot
  * of a chunk is first needed. A chunk is never freed before the queue. */
 #define NQ__CHUNK_SHIFT 6
 #define NQ__CHUNK_SLOTS (1u << NQ__CHUNK_SHIFT)
-_Static_assert(sizeof(nq__hslot_t) == 56, "a handle slot is 56 bytes");
+_Static_assert(sizeof(nq__hslot_t) == 32 && sizeof(nq__hcold_t) == 24,
+               "a handle slot is 32 + 24 bytes");
 _Static_assert(NQ__MAX_WAITERS < (1u << 21) && NQ__MAX_SUBS < (1u << 11),
                "the slot's counts fit their bit-fields");
 
@@ -164,6 +170,8 @@ static inline nq__sub_px_t *nq__sub_px(struct nq_sub *s) {
 /* queue.c */
 nq__hslot_t *nq__slot_lock(nq_queue_t *q, nq_handle_t h, int *err);
 nq__hslot_t *nq__slot_at(nq_queue_t *q, uint32_t index);
+/* The cold part of a slot whose chunk is allocated (its hot part found). */
+nq__hcold_t *nq__slot_cold(nq_queue_t *q, uint32_t index);
 int nq__mem_reserve(nq_queue_t *q, size_t n);
 void nq__mem_release(nq_queue_t *q, size_t n);
 void nq__queue_unref(nq_queue_t *q);

@@ -134,11 +134,12 @@ int nq__sub_new(nq_queue_t *q, nq_handle_t h, const nq_sub_opts_t *opts,
             goto fail;
         }
         if (slot->subs_cap == old_cap) { /* nobody grew it meanwhile */
+            nq__hcold_t *cold = nq__slot_cold(q, (uint32_t)h - 1);
             if (slot->nsubs > 0)
-                memcpy(arr, slot->subs, (size_t)slot->nsubs * sizeof(nq_sub_t *));
-            stale = slot->subs;
+                memcpy(arr, cold->subs, (size_t)slot->nsubs * sizeof(nq_sub_t *));
+            stale = cold->subs;
             stale_bytes = (size_t)old_cap * sizeof(nq_sub_t *);
-            slot->subs = arr; /* kept with the slot until the queue is freed */
+            cold->subs = arr; /* kept with the slot until the queue is freed */
             slot->subs_cap = (uint16_t)new_cap;
         } else {
             stale = arr; /* another subscribe grew it first: ours goes */
@@ -148,7 +149,7 @@ int nq__sub_new(nq_queue_t *q, nq_handle_t h, const nq_sub_opts_t *opts,
     s->index = (uint32_t)h - 1;
     s->gen = (uint32_t)(h >> 32);
     s->attached = 1;
-    slot->subs[slot->nsubs++] = s;
+    nq__slot_cold(q, s->index)->subs[slot->nsubs++] = s;
     nq__unlock(&slot->lock);
     nq__free(stale);
     nq__mem_release(q, stale_bytes);
@@ -366,9 +367,10 @@ void nq__sub_detach(nq_sub_t *s) {
     nq__lock(&slot->lock);
     if (s->attached) {
         nq__sub_account_locked(s);
+        nq_sub_t **subs = nq__slot_cold(q, s->index)->subs;
         for (unsigned i = 0; i < slot->nsubs; i++) {
-            if (slot->subs[i] == s) {
-                slot->subs[i] = slot->subs[--slot->nsubs];
+            if (subs[i] == s) {
+                subs[i] = subs[--slot->nsubs];
                 break;
             }
         }

@@ -22,11 +22,11 @@
 
 #include "core/queue.h"
 
-static void nq__wait_unlink_locked(nq__hslot_t *s, nq_wait_t *w) {
+static void nq__wait_unlink_locked(nq__hslot_t *s, nq__hcold_t *cold, nq_wait_t *w) {
     if (w->prev != NULL)
         w->prev->next = w->next;
     else
-        s->waiters = w->next;
+        cold->waiters = w->next;
     if (w->next != NULL)
         w->next->prev = w->prev;
     w->prev = w->next = NULL;
@@ -37,7 +37,7 @@ static void nq__wait_unlink_locked(nq__hslot_t *s, nq_wait_t *w) {
 /* Under the slot lock. Appends w to *done for nq__wait_run_wakers. */
 void nq__wait_complete_locked(nq_wait_t *w, int status, int64_t arg, nq_wait_t **done) {
     nq_queue_t *q = w->q;
-    nq__wait_unlink_locked(nq__slot_at(q, w->index), w);
+    nq__wait_unlink_locked(nq__slot_at(q, w->index), nq__slot_cold(q, w->index), w);
     w->status = status;
     w->arg = arg;
     /* Counted under the slot lock, which nq__wait_quiesce takes before it
@@ -149,11 +149,12 @@ int nq__wait_attach(nq_queue_t *q, nq_handle_t h, uint64_t after, nq_wait_t *w) 
         nq__unlock(&s->lock);
         return NQ_ELIMIT;
     }
+    nq__hcold_t *cold = nq__slot_cold(q, w->index);
     w->prev = NULL;
-    w->next = s->waiters;
-    if (s->waiters != NULL)
-        s->waiters->prev = w;
-    s->waiters = w;
+    w->next = cold->waiters;
+    if (cold->waiters != NULL)
+        cold->waiters->prev = w;
+    cold->waiters = w;
     s->nwaiters++;
     w->listed = 1;
     nq__unlock(&s->lock);
