@@ -51,7 +51,7 @@ typedef struct nq__hslot {
 } nq__hslot_t;
 
 typedef struct nq__hcold { /* all under the hot part's lock */
-    struct nq_wait *waiters; /* doubly linked, oldest first */
+    struct nq_wait *waiters; /* doubly linked, newest first (attach pushes at the head) */
     struct nq_sub **subs;  /* array of nsubs */
     char *hint;
 } nq__hcold_t;
