@@ -184,6 +184,56 @@ Test(limits, queue_new_rejects_bad_configurations) {
     nq_queue_free(q);
 }
 
+/* The derived limit covers every object the other limits allow, at their
+ * largest: here every handle full of port subscriptions (each with a port
+ * part) with 63-byte hints, and a port wait per handle beside them. */
+static void nop_sub_cb(nq_sub_t *s, void *data) {
+    (void)s;
+    (void)data;
+}
+static void nop_wait_cb(void *data, int status, int64_t arg) {
+    (void)data;
+    (void)status;
+    (void)arg;
+}
+
+Test(limits, the_derived_memory_limit_holds_every_limit_filled) {
+    nq_config_t cfg;
+    nq_config_init(&cfg);
+    cfg.max_handles = 64;
+    cfg.max_subscribers_per_handle = 64;
+    cfg.max_waiters_per_handle = 1;
+    cfg.default_capacity = 1;
+    cfg.memory_limit = 0;
+    nq_queue_t *q = new_queue(&cfg);
+    nq_port_t *p;
+    cr_assert_eq(nq_port_new_sized(64 * 64 + 64, &p), 0);
+    char hint[64];
+    memset(hint, 'h', 63);
+    hint[63] = '\0';
+    nq_sub_opts_t o;
+    memset(&o, 0, sizeof(o));
+    o.capacity = 1;
+    o.debug_hint = hint;
+    int subs = 0;
+    for (int i = 0; i < 64; i++) {
+        nq_handle_t h = reg(q, hint);
+        for (int j = 0; j < 64; j++) {
+            int rc = nq_port_subscribe(p, q, h, &o, nop_sub_cb, NULL, NULL);
+            cr_assert_eq(rc, 0, "port subscription %d: %s (%zu of %zu bytes held)", subs,
+                         nq_strerror(rc), stats(q).bytes_held, stats(q).memory_limit);
+            subs++;
+        }
+        cr_assert_eq(nq_port_wait(p, q, h, NQ_SEQ_NEXT, -1, nop_wait_cb, NULL, NULL), 0);
+    }
+    nq_stats_t st = stats(q);
+    cr_log_info("derived limit: %d port subscriptions and 64 port waits hold %zu of %zu bytes",
+                subs, st.bytes_held, st.memory_limit);
+    cr_assert_leq(st.bytes_held, st.memory_limit);
+    nq_port_free(p);
+    nq_queue_free(q);
+}
+
 /* --- counted limits ----------------------------------------------------- */
 
 Test(limits, max_handles_gives_elimit_and_unregister_makes_room) {

@@ -62,9 +62,11 @@ static size_t nq__derived_memory(const nq_config_t *c) {
     double per_handle = (double)sizeof(nq__hslot_t) + sizeof(nq__hcold_t) + NQ__HINT_MAX +
                         (double)c->max_waiters_per_handle * sizeof(struct nq_wait) +
                         (double)c->max_subscribers_per_handle *
-                            (sizeof(struct nq_sub) + NQ__HINT_MAX + sizeof(void *) +
-                             (double)c->default_capacity * sizeof(int64_t));
-    double total = (double)c->max_handles * per_handle +
+                            (sizeof(struct nq_sub) + sizeof(nq__sub_px_t) + NQ__HINT_MAX +
+                             sizeof(void *) + (double)c->default_capacity * sizeof(int64_t));
+    /* Every subscription counted as a port one (its port part included),
+     * and the queue itself, which nq_queue_new charges too. */
+    double total = (double)sizeof(nq_queue_t) + (double)c->max_handles * per_handle +
                    (double)nq__nchunks(c->max_handles) * (sizeof(void *) + NQ__CACHELINE);
     return total >= (double)SIZE_MAX ? SIZE_MAX : (size_t)total;
 }
