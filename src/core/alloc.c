@@ -1,8 +1,8 @@
-/* The single place where libnq allocates memory. A build configured
- * --with-jemalloc uses jemalloc's own entry points (mallocx/dallocx), so the
- * library's memory comes from jemalloc even in a program whose malloc is
- * glibc's; otherwise the C library's allocator. Tests can make chosen
- * allocations fail (nq__alloc_fail_at) to check every NQ_ENOMEM path. */
+/* The single place where libnq allocates memory: sizes are checked here,
+ * then the allocator in the ops table (ops.h) is called: jemalloc's own entry
+ * points in a build configured --with-jemalloc, otherwise the C library's.
+ * Tests can make chosen allocations fail (nq__alloc_fail_at) to check every
+ * NQ_ENOMEM path, or replace the allocator itself (nq__ops_set). */
 #ifdef HAVE_CONFIG_H
 #include "config.h"
 #endif
@@ -10,11 +10,8 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 
-#ifdef NQ_WITH_JEMALLOC
-#include <jemalloc/jemalloc.h>
-#endif
-
 #include "core/internal.h"
+#include "core/ops.h"
 
 /* Fault injection. countdown > 0: allocations left before one fails;
  * relaxed is enough: tests arm it before starting the code under test, and
@@ -46,40 +43,23 @@ long nq__alloc_fail_at(long k, int sticky) {
 void *nq__malloc(size_t size) {
     if (nq__alloc_should_fail() || size == 0)
         return NULL;
-#ifdef NQ_WITH_JEMALLOC
-    return mallocx(size, 0);
-#else
-    return malloc(size);
-#endif
+    return nq__ops.malloc(size);
 }
 
 void *nq__calloc(size_t n, size_t size) {
     if (nq__alloc_should_fail() || n == 0 || size == 0 || n > SIZE_MAX / size)
         return NULL;
-#ifdef NQ_WITH_JEMALLOC
-    return mallocx(n * size, MALLOCX_ZERO);
-#else
-    return calloc(n, size);
-#endif
+    return nq__ops.calloc(n, size);
 }
 
 void *nq__aligned_alloc(size_t align, size_t size) {
     if (nq__alloc_should_fail() || size == 0 || size > SIZE_MAX - align)
         return NULL;
     size = (size + align - 1) & ~(align - 1);
-#ifdef NQ_WITH_JEMALLOC
-    return mallocx(size, MALLOCX_ALIGN(align));
-#else
-    return aligned_alloc(align, size);
-#endif
+    return nq__ops.aligned_alloc(align, size);
 }
 
 void nq__free(void *p) {
-    if (p == NULL)
-        return;
-#ifdef NQ_WITH_JEMALLOC
-    dallocx(p, 0);
-#else
-    free(p);
-#endif
+    if (p != NULL)
+        nq__ops.free(p);
 }

@@ -2,16 +2,16 @@
  * top of park.h. */
 #include <errno.h>
 #include <linux/futex.h>
-#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "core/internal.h"
+#include "core/ops.h"
 #include "core/park.h"
 
 static long nq__futex(atomic_uint *word, int op, unsigned val,
                       const struct timespec *ts, unsigned bitset) {
-    return syscall(SYS_futex, (unsigned *)word, op, val, ts, NULL, bitset);
+    return nq__ops.futex((unsigned *)word, op, val, ts, bitset);
 }
 
 int nq__park_commit(nq__park_t *p, int64_t deadline_ns) {

@@ -64,6 +64,7 @@
 
 #include "core/queue.h"
 #include "core/evq.h"
+#include "core/ops.h"
 
 #define NQ__PORT_DEFAULT_ITEMS (1u << 16)
 #define NQ__PORT_MAX_ITEMS (1u << 22)
@@ -133,7 +134,7 @@ int nq_port_new_sized(uint32_t max_items, nq_port_t **out) {
     if (rc < 0)
         goto fail;
     nq__evq_set_sc_publish(p->ready); /* S of the stalled-head handshake */
-    p->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    p->efd = nq__ops.eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (p->efd < 0) {
         rc = NQ_ESYS;
         goto fail;
@@ -206,7 +207,7 @@ static void nq__port_write_efd(nq_port_t *p) {
     int saved = errno;
     /* Cannot fail short of a closed fd: the counter is read every cycle, so
      * it never nears its 2^64-2 limit. */
-    ssize_t r = write(p->efd, &one, sizeof(one));
+    ssize_t r = nq__ops.write(p->efd, &one, sizeof(one));
     (void)r;
     errno = saved;
     atomic_fetch_add_explicit(&p->efd_writes, 1, memory_order_relaxed);
@@ -552,7 +553,7 @@ int nq_port_dispatch(nq_port_t *p, unsigned budget) {
          * trusts signalled (I1) and re-signals at its end if work is left. */
         uint64_t v;
         int saved = errno;
-        if (read(p->efd, &v, sizeof(v)) == (ssize_t)sizeof(v))
+        if (nq__ops.read(p->efd, &v, sizeof(v)) == (ssize_t)sizeof(v))
             atomic_fetch_add_explicit(&p->efd_reads, 1, memory_order_relaxed);
         errno = saved;
         p->efd_cleared = 1;
@@ -617,7 +618,7 @@ int nq_port_dispatch(nq_port_t *p, unsigned budget) {
     {
         uint64_t v;
         int saved = errno;
-        if (read(p->efd, &v, sizeof(v)) == (ssize_t)sizeof(v))
+        if (nq__ops.read(p->efd, &v, sizeof(v)) == (ssize_t)sizeof(v))
             atomic_fetch_add_explicit(&p->efd_reads, 1, memory_order_relaxed);
         errno = saved;
     }
@@ -665,7 +666,7 @@ static void nq__port_destroy(nq_port_t *p) {
     }
     nq_evq_free(p->ready);
     if (p->efd >= 0)
-        close(p->efd);
+        nq__ops.close(p->efd);
     nq__free(p->items);
     nq__free(p->free_tokens);
     nq__free(p->heap);

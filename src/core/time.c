@@ -4,11 +4,12 @@
 #include <time.h>
 
 #include "core/internal.h"
+#include "core/ops.h"
 
 int64_t nq__now_ns(void) {
     struct timespec ts;
     /* CLOCK_MONOTONIC cannot fail with a valid pointer on Linux. */
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    nq__ops.clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
