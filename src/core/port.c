@@ -205,10 +205,15 @@ int nq_port_on_deadline(nq_port_t *p, void (*cb)(nq_port_t *p, void *data), void
 static void nq__port_write_efd(nq_port_t *p) {
     uint64_t one = 1;
     int saved = errno;
-    /* Cannot fail short of a closed fd: the counter is read every cycle, so
-     * it never nears its 2^64-2 limit. */
-    ssize_t r = nq__ops.write(p->efd, &one, sizeof(one));
-    (void)r;
+    /* The write only has to leave the fd readable. EAGAIN: the counter is at
+     * its 2^64-2 limit (libnq reads it every cycle, so only someone else
+     * writing this fd gets it there): it is readable already. EINTR cannot
+     * come from a non-blocking eventfd, but would cost only a retry. Other
+     * errors need a closed fd: a caller bug with nothing to report to. */
+    ssize_t r;
+    do
+        r = nq__ops.write(p->efd, &one, sizeof(one));
+    while (r < 0 && errno == EINTR);
     errno = saved;
     atomic_fetch_add_explicit(&p->efd_writes, 1, memory_order_relaxed);
 }
