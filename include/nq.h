@@ -325,7 +325,8 @@ NQ_EXTERN void nq_sub_close(nq_sub_t *s);
 typedef struct nq_port nq_port_t;
 
 /* A port for up to 65536 live waits + subscriptions. NQ_ESYS if eventfd
- * fails (errno kept), NQ_ENOMEM. */
+ * fails, with errno saying why (EMFILE or ENFILE: out of file descriptors);
+ * NQ_ENOMEM. On failure nothing is left allocated or open. */
 NQ_EXTERN int nq_port_new(nq_port_t **out);
 /* The same with room for max_items (1 .. 2^22) live waits + subscriptions. */
 NQ_EXTERN int nq_port_new_sized(uint32_t max_items, nq_port_t **out);
@@ -385,6 +386,35 @@ NQ_EXTERN int nq_port_detach(nq_port_t *p, const void *owner);
 NQ_EXTERN const void *nq_port_owner(const nq_port_t *p);
 NQ_EXTERN int nq_port_on_deadline(nq_port_t *p, void (*cb)(nq_port_t *p, void *data),
                                   void *data);
+
+/* ------------------------------------------------------------------------
+ * fork()
+ *
+ * A child process may create and use its own queues, ports, subscriptions
+ * and event queues as any process does. Objects inherited from the parent
+ * are copies in the child's memory, and the child never reaches the
+ * parent's through them:
+ * - Queues, handles, waits, subscriptions and event queues: the child's
+ *   copies work on their own (a notify in the child reaches the child's
+ *   copies of the receivers, never the parent's; the parent sees nothing).
+ *   Exception: if another thread of the parent was inside libnq at the
+ *   moment of fork(), a copy may hold one of that thread's locks forever, and
+ *   a child call that needs it never returns; as for any library, a child of
+ *   a multithreaded parent should use only objects it created itself.
+ * - Ports: the eventfd is shared with the parent (one kernel object), so a
+ *   port belongs to the process that created it. In a child,
+ *   nq_port_dispatch, nq_port_wait and nq_port_subscribe on an inherited
+ *   port return NQ_ECLOSED, and a notification in the child that completes
+ *   one of its copy's waits never writes the eventfd; the parent's loop sees
+ *   none of it. nq_port_free in the child frees the child's copy (pending
+ *   waits get their callbacks, with NQ_ECANCELED, in the child) and closes
+ *   only the child's descriptor. Do not detach an inherited port from an
+ *   inherited loop (nq_epoll_del on the parent's epoll fd removes the
+ *   parent's registration: an epoll set is shared too); free it, or just
+ *   exec or exit.
+ * This needs fork() to run pthread_atfork handlers (fork() does; a raw
+ * clone() does not).
+ * ------------------------------------------------------------------------ */
 
 /* ------------------------------------------------------------------------
  * Observability

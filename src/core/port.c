@@ -58,6 +58,7 @@
  * and treats a token that names nothing due as spurious.
  */
 #include <errno.h>
+#include <pthread.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -81,6 +82,7 @@ typedef struct nq__pitem {
 
 struct nq_port {
     int efd;
+    unsigned fork_gen; /* nq__fork_gen in the process that created the port */
     nq_evq_t *ready;
     uint32_t max_items;
 
@@ -110,6 +112,37 @@ struct nq_port {
     _Atomic uint64_t dispatches, callbacks, efd_reads, deadlines_expired;
 };
 
+/* --- fork() --------------------------------------------------------------
+ * The eventfd is a kernel object: after fork() the child's copy of a port
+ * refers to the same one as the parent's. A dispatch in the child would read
+ * it and take a wake-up meant for the parent's loop (whose port, with
+ * signalled at 1, would then never write again: its loop would sleep for
+ * good). So a port belongs to the process that created it: a
+ * pthread_atfork child handler bumps a generation, and in any other process
+ * dispatch, port waits and port subscriptions answer NQ_ECLOSED and wakers
+ * skip the write; nq_port_free frees the child's copy (and closes only the
+ * child's descriptor). Everything else in a port lives in process memory,
+ * so the child's copy cannot reach the parent. */
+static atomic_uint nq__fork_gen;
+static pthread_once_t nq__fork_once = PTHREAD_ONCE_INIT;
+
+static void nq__forked(void) {
+    /* Relaxed: the child's only thread runs this before anything else, and
+     * no other process reads this copy of the counter. */
+    atomic_fetch_add_explicit(&nq__fork_gen, 1, memory_order_relaxed);
+}
+
+static void nq__fork_hook(void) {
+    /* If this fails (ENOMEM), the protection is off; nothing else changes. */
+    (void)pthread_atfork(NULL, NULL, nq__forked);
+}
+
+/* Was p created by an ancestor of this process? One load, unshared writes. */
+static inline int nq__port_inherited(const nq_port_t *p) {
+    return NQ__UNLIKELY(p->fork_gen !=
+                        atomic_load_explicit(&nq__fork_gen, memory_order_relaxed));
+}
+
 /* --- creation ----------------------------------------------------------- */
 
 int nq_port_new_sized(uint32_t max_items, nq_port_t **out) {
@@ -123,6 +156,8 @@ int nq_port_new_sized(uint32_t max_items, nq_port_t **out) {
         return NQ_ENOMEM;
     memset(p, 0, sizeof(*p));
     p->efd = -1;
+    (void)pthread_once(&nq__fork_once, nq__fork_hook);
+    p->fork_gen = atomic_load_explicit(&nq__fork_gen, memory_order_relaxed);
     p->max_items = max_items;
     p->items = nq__calloc(max_items, sizeof(*p->items));
     p->free_tokens = nq__malloc((size_t)max_items * sizeof(uint32_t));
@@ -204,6 +239,8 @@ int nq_port_on_deadline(nq_port_t *p, void (*cb)(nq_port_t *p, void *data), void
 /* The one eventfd write of a cycle (the caller turned signalled 0 -> 1). */
 static void nq__port_write_efd(nq_port_t *p) {
     uint64_t one = 1;
+    if (nq__port_inherited(p))
+        return; /* a child's copy: the eventfd is the parent's (see fork()) */
     int saved = errno;
     /* The write only has to leave the fd readable. EAGAIN: the counter is at
      * its 2^64-2 limit (libnq reads it every cycle, so only someone else
@@ -334,7 +371,7 @@ int nq_port_wait(nq_port_t *p, nq_queue_t *q, nq_handle_t h, uint64_t after,
         *out = NULL;
     if (p == NULL || q == NULL || cb == NULL)
         return NQ_EINVAL;
-    if (p->free_deferred)
+    if (p->free_deferred || nq__port_inherited(p))
         return NQ_ECLOSED;
     uint32_t token;
     if (nq__port_token(p, &token) < 0)
@@ -411,7 +448,7 @@ int nq_port_subscribe(nq_port_t *p, nq_queue_t *q, nq_handle_t h, const nq_sub_o
         *out = NULL;
     if (p == NULL || q == NULL || cb == NULL)
         return NQ_EINVAL;
-    if (p->free_deferred)
+    if (p->free_deferred || nq__port_inherited(p))
         return NQ_ECLOSED;
     uint32_t token;
     if (nq__port_token(p, &token) < 0)
@@ -551,6 +588,8 @@ static int nq__port_spin_worth_it(nq_port_t *p) {
 int nq_port_dispatch(nq_port_t *p, unsigned budget) {
     if (p == NULL)
         return NQ_EINVAL;
+    if (nq__port_inherited(p))
+        return NQ_ECLOSED; /* never read the parent's eventfd (see fork()) */
     if (p->in_dispatch) {
         /* From inside one of its own callbacks: a nested loop saw the fd
          * readable (it stays so while the outer dispatch runs). Clear it, or
