@@ -47,8 +47,8 @@ __attribute__((unused)) static atomic_llong nqt_errors;
 __attribute__((unused)) static char nqt_first_error[256];
 __attribute__((unused)) static atomic_flag nqt_first_error_taken = ATOMIC_FLAG_INIT;
 
-static inline void nqt_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static inline void nqt_fail(const char *fmt, ...) {
+static inline void nqt_thread_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static inline void nqt_thread_fail(const char *fmt, ...) {
     if (!atomic_flag_test_and_set(&nqt_first_error_taken)) {
         va_list ap;
         va_start(ap, fmt);

@@ -120,7 +120,7 @@ static void *producer(void *arg) {
         current(i, &e, &h);
         int rc = nq_notify(q, h, ARG(p, i, e, seq));
         if (rc < 0 && rc != NQ_EBADH) /* EBADH: the handle was just unregistered */
-            nqt_fail("producer %d: nq_notify returned %s", p, nq_err_name(rc));
+            nqt_thread_fail("producer %d: nq_notify returned %s", p, nq_err_name(rc));
         log[seq].rc = rc;
         log[seq].e = (uint16_t)e;
         log[seq].i = (uint8_t)i;
@@ -221,7 +221,7 @@ static void pool_put(struct subrec *r) {
     pthread_mutex_lock(&pool_lock);
     if (pool_len == POOL) { /* MAX_LIVE_SUBS < POOL keeps this from happening */
         pthread_mutex_unlock(&pool_lock);
-        nqt_fail("pool overflow");
+        nqt_thread_fail("pool overflow");
         return;
     }
     pool[(pool_head + pool_len++) % POOL] = r;
@@ -265,7 +265,7 @@ static void *worker(void *arg) {
                 else if (rc == NQ_ECLOSED)
                     closed = 1;
                 else if (rc != NQ_ETIMEDOUT)
-                    nqt_fail("worker: nq_sub_recv returned %s", nq_err_name(rc));
+                    nqt_thread_fail("worker: nq_sub_recv returned %s", nq_err_name(rc));
                 break;
             case 1:
                 while ((rc = nq_sub_try_recv(r->s, &buf[0])) == 0)
@@ -273,7 +273,7 @@ static void *worker(void *arg) {
                 if (rc == NQ_ECLOSED)
                     closed = 1;
                 else if (rc != NQ_EAGAIN)
-                    nqt_fail("worker: nq_sub_try_recv returned %s", nq_err_name(rc));
+                    nqt_thread_fail("worker: nq_sub_try_recv returned %s", nq_err_name(rc));
                 break;
             default:
                 rc = nq_sub_recv_batch(r->s, buf, 1 + nqt_rand(&rng) % 64);
@@ -282,7 +282,7 @@ static void *worker(void *arg) {
                 else if (rc == NQ_ECLOSED)
                     closed = 1;
                 else if (rc < 0)
-                    nqt_fail("worker: nq_sub_recv_batch returned %s", nq_err_name(rc));
+                    nqt_thread_fail("worker: nq_sub_recv_batch returned %s", nq_err_name(rc));
                 break;
             }
         }
@@ -312,7 +312,7 @@ static void epoch_subs(uint64_t *rng, int i, uint32_t e, nq_handle_t h) {
         nq_sub_opts_t o = sub_opts(rng, epoch_caps, 3);
         int rc = nq_subscribe(q, h, &o, &r->s);
         if (rc != 0) {
-            nqt_fail("epoch subscribe returned %s", nq_err_name(rc));
+            nqt_thread_fail("epoch subscribe returned %s", nq_err_name(rc));
             free(r);
             return;
         }
@@ -333,11 +333,11 @@ static void *reregister(void *arg) {
             continue;
         int rc = nq_unregister(q, hist[i][e]);
         if (rc != 0)
-            nqt_fail("nq_unregister returned %s", nq_err_name(rc));
+            nqt_thread_fail("nq_unregister returned %s", nq_err_name(rc));
         nq_handle_t h;
         rc = nq_register(q, "churn", &h);
         if (rc != 0) {
-            nqt_fail("nq_register returned %s", nq_err_name(rc));
+            nqt_thread_fail("nq_register returned %s", nq_err_name(rc));
             return NULL;
         }
         epoch_subs(&rng, i, e + 1, h);
@@ -376,7 +376,7 @@ static void *sub_churn(void *arg) {
             continue;
         }
         if (rc != 0) {
-            nqt_fail("churn subscribe returned %s", nq_err_name(rc));
+            nqt_thread_fail("churn subscribe returned %s", nq_err_name(rc));
             free(r);
             continue;
         }
@@ -415,7 +415,7 @@ static void see_status(int st) {
         atomic_fetch_add(&w_seen[WS_CLOSED], 1);
         break;
     default:
-        nqt_fail("a wait ended with %s", nq_err_name(st));
+        nqt_thread_fail("a wait ended with %s", nq_err_name(st));
     }
 }
 
@@ -485,7 +485,7 @@ static void wstart_end(uint64_t *rng, struct wstart *ws) {
             if (st == NQ_EAGAIN || st == NQ_ECANCELED || wk != 1)
                 atomic_fetch_add(&w_waker_bad, 1);
         } else {
-            nqt_fail("nq_wait_cancel returned %s", nq_err_name(crc));
+            nqt_thread_fail("nq_wait_cancel returned %s", nq_err_name(crc));
         }
         see_status(st);
         if (st == 0)
@@ -541,7 +541,7 @@ static void *wait_churn(void *arg) {
                 continue;
             }
             if (rc != 0) {
-                nqt_fail("nq_wait_start returned %s", nq_err_name(rc));
+                nqt_thread_fail("nq_wait_start returned %s", nq_err_name(rc));
                 free(ws);
                 continue;
             }
@@ -576,7 +576,7 @@ static void pwait_cb(void *data, int status, int64_t a) {
     uintptr_t tag = (uintptr_t)data;
     unsigned k = (unsigned)(tag & 0xffff);
     if (k >= PWAITS || !pw[k].busy || pw[k].gen != (uint32_t)(tag >> 16)) {
-        nqt_fail("port: a second callback for port wait %u", k);
+        nqt_thread_fail("port: a second callback for port wait %u", k);
         return;
     }
     struct pwait *w = &pw[k];
@@ -586,7 +586,7 @@ static void pwait_cb(void *data, int status, int64_t a) {
     if (status == 0)
         see_ok(w->i, w->e, w->snapshot, a);
     if (status == NQ_ETIMEDOUT && (w->timeout_ms < 0 || now_ns() - w->start < w->timeout_ms * 1000000))
-        nqt_fail("port: a wait timed out early (or without a timeout)");
+        nqt_thread_fail("port: a wait timed out early (or without a timeout)");
 }
 
 static void psub_cb(nq_sub_t *s, void *data) {
@@ -601,7 +601,7 @@ static void psub_cb(nq_sub_t *s, void *data) {
         psub[k] = NULL;
         finish(r, n == NQ_ECLOSED);
     } else if (n < 0) {
-        nqt_fail("port: recv_batch returned %s", nq_err_name(n));
+        nqt_thread_fail("port: recv_batch returned %s", nq_err_name(n));
     }
 }
 
@@ -631,7 +631,7 @@ static void port_arm(uint64_t *rng) {
             continue;
         }
         if (rc != 0) {
-            nqt_fail("nq_port_wait returned %s", nq_err_name(rc));
+            nqt_thread_fail("nq_port_wait returned %s", nq_err_name(rc));
             continue;
         }
         w->busy = 1;
@@ -656,7 +656,7 @@ static void port_arm(uint64_t *rng) {
             continue;
         }
         if (rc != 0) {
-            nqt_fail("nq_port_subscribe returned %s", nq_err_name(rc));
+            nqt_thread_fail("nq_port_subscribe returned %s", nq_err_name(rc));
             free(r);
             continue;
         }
@@ -684,11 +684,11 @@ static void *port_thread(void *arg) {
         if (pr == 1 || (tm >= 0 && tm <= wait_ms)) {
             int ran = nq_port_dispatch(port, it % 2 ? 0 : 8);
             if (ran < 0)
-                nqt_fail("nq_port_dispatch returned %s", nq_err_name(ran));
+                nqt_thread_fail("nq_port_dispatch returned %s", nq_err_name(ran));
             p_dispatches++;
             idle_since = now_ns();
         } else if (atomic_load(&all_gone) && now_ns() - idle_since > 10 * (int64_t)1000000000) {
-            nqt_fail("port: %d items never called back after every handle went", live);
+            nqt_thread_fail("port: %d items never called back after every handle went", live);
             break;
         }
     }

@@ -11,7 +11,7 @@
  * Asserted: the cost of a notify stays flat (the fastest of the last three
  * windows <= 3x the fastest of the first three, for each producer); the
  * queue's bytes held do not change after the warm-up; the resident set grows
- * less than 1 MiB; each subscription's waker ran once (its one empty ->
+ * less than 1 MiB (16 MiB under ThreadSanitizer, whose own pages grow); each subscription's waker ran once (its one empty ->
  * non-empty) and it dropped exactly what it could not hold; each wait's
  * waker ran once; the port wrote its eventfd once and its items did not
  * grow. Printed: the figures behind each.
@@ -35,6 +35,13 @@
 #define PRODUCERS 2
 #define WINDOWS 20 /* per producer */
 #define WARMUP 100 /* notifies per handle before the measured run */
+/* ThreadSanitizer's own trace and shadow pages grow as the producers run
+ * (about 2.4 MiB seen): a looser bound there; the other builds keep 1 MiB. */
+#ifdef NQT_TSAN
+#define RSS_BOUND_KIB 16384
+#else
+#define RSS_BOUND_KIB 1024
+#endif
 
 static nq_queue_t *q;
 static nq_handle_t handles[HANDLES];
@@ -79,7 +86,7 @@ static void *producer(void *arg) {
             h = (h + 7) % HANDLES;
             int rc = nq_notify(q, handles[h], (int64_t)k);
             if (rc < 0)
-                nqt_fail("nq_notify returned %s", nq_err_name(rc));
+                nqt_thread_fail("nq_notify returned %s", nq_err_name(rc));
             sent[p][h]++;
         }
         window_ns[p][w] = now_ns() - t;
@@ -171,16 +178,16 @@ Test(stalled, clients_that_never_drain_cost_producers_nothing, .timeout = 300) {
             "%d), a port subscription and %d port waits on a never-dispatched port, %d "
             "unreleased waits; %.1f ns/notify overall; notify %.1f ns in the first windows, "
             "%.1f ns in the last (x%.2f, bound x3); bytes held %zu -> %zu; RSS %ld -> %ld KiB "
-            "(%+ld, bound 1024); port: %llu eventfd writes, %u items; drops %llu\n",
+            "(%+ld, bound %d); port: %llu eventfd writes, %u items; drops %llu\n",
             (unsigned long long)total, HANDLES, CAP, PORT_WAITS, USER_WAITS,
             (double)(t1 - t0) / (double)total, first_ns, last_ns, worst_ratio, st0.bytes_held,
-            st1.bytes_held, rss0, rss1, rss1 - rss0, (unsigned long long)ps1.efd_writes,
+            st1.bytes_held, rss0, rss1, rss1 - rss0, RSS_BOUND_KIB, (unsigned long long)ps1.efd_writes,
             ps1.live_items, (unsigned long long)st1.drops);
 
     cr_assert_leq(worst_ratio, 3.0, "notify got slower: %.1f ns -> %.1f ns", first_ns, last_ns);
     cr_assert_eq(st1.bytes_held, st0.bytes_held, "bytes held grew: %zu -> %zu", st0.bytes_held,
                  st1.bytes_held);
-    cr_assert_lt(rss1 - rss0, 1024, "RSS grew by %ld KiB", rss1 - rss0);
+    cr_assert_lt(rss1 - rss0, RSS_BOUND_KIB, "RSS grew by %ld KiB", rss1 - rss0);
     cr_assert_leq(ps1.efd_writes, 1, "a never-dispatched port wrote its eventfd %llu times",
                   (unsigned long long)ps1.efd_writes);
     cr_assert_eq(ps1.live_items, ps0.live_items);
