@@ -339,7 +339,8 @@ NQ_EXTERN int nq_port_fd(const nq_port_t *p);
  * one more round of what arrived (still within the budget): a producer in
  * full flow then costs no wake-up per burst. NQ_EBUSY when called from
  * inside one of the port's own callbacks (the fd is cleared, so a nested
- * level-triggered loop does not spin on it). */
+ * level-triggered loop does not spin on it); NQ_ECLOSED in a process that
+ * inherited the port over fork() (see "fork()" below). */
 NQ_EXTERN int nq_port_dispatch(nq_port_t *p, unsigned budget);
 /* Milliseconds until the next wait deadline (rounded up, 0 if due), -1 if
  * none: pass it (or a smaller value) to epoll_wait / a loop timer. */
@@ -379,7 +380,8 @@ NQ_EXTERN int nq_port_subscribe(nq_port_t *p, nq_queue_t *q, nq_handle_t h,
  * the old owner. on_deadline: cb runs (on the port's thread, inside
  * nq_port_wait) whenever the next deadline moves earlier, so the adapter can
  * re-arm its loop timer; NULL removes it. Free a port only after detaching
- * it (close its adapter first). */
+ * it (close its adapter first), except a port inherited over fork() (see
+ * "fork()"). */
 NQ_EXTERN int nq_port_attach(nq_port_t *p, const void *owner);
 NQ_EXTERN int nq_port_detach(nq_port_t *p, const void *owner);
 /* The owner attached now, or NULL (also for a NULL port). */
@@ -408,12 +410,24 @@ NQ_EXTERN int nq_port_on_deadline(nq_port_t *p, void (*cb)(nq_port_t *p, void *d
  *   one of its copy's waits never writes the eventfd; the parent's loop sees
  *   none of it. nq_port_free in the child frees the child's copy (pending
  *   waits get their callbacks, with NQ_ECANCELED, in the child) and closes
- *   only the child's descriptor. Do not detach an inherited port from an
- *   inherited loop (nq_epoll_del on the parent's epoll fd removes the
- *   parent's registration: an epoll set is shared too); free it, or just
- *   exec or exit.
- * This needs fork() to run pthread_atfork handlers (fork() does; a raw
- * clone() does not).
+ *   only the child's descriptor; the same exception as above applies (a
+ *   parent thread inside nq_port_dispatch at fork() leaves the copy "in
+ *   dispatch", and its free is deferred forever).
+ * - Loops and adapters: an epoll set is shared with the parent too, and so
+ *   is the kernel state behind an inherited libuv or libev loop. In a child,
+ *   do not close or detach an inherited adapter (nq_uv_close, nq_ev_stop or
+ *   nq_ev_close, nq_epoll_del): each removes the port's eventfd from the
+ *   shared epoll set, and the parent's loop never wakes for libnq again.
+ *   Exception: after uv_loop_fork() / ev_loop_fork() the child's loop has
+ *   its own epoll set and closing is safe. Otherwise free an inherited port
+ *   without closing its adapter (the rule "detach first" of nq_port_free
+ *   does not apply to an inherited port), and never run the inherited loop:
+ *   its dispatch answers NQ_ECLOSED without reading the shared eventfd, so
+ *   a level-triggered loop would spin for as long as the parent's eventfd
+ *   is readable. Simplest: free what you inherited, or just exec or exit.
+ * This needs fork() to run pthread_atfork handlers: fork() does; a raw
+ * clone(), syscall(SYS_fork) and _Fork() do not. If pthread_atfork itself
+ * failed (out of memory, at the first nq_port_new), the check is off.
  * ------------------------------------------------------------------------ */
 
 /* ------------------------------------------------------------------------
