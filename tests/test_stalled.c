@@ -8,8 +8,8 @@
  * in all (NQ_LONG=1: 8M; / 10 under ThreadSanitizer), each on its own 8
  * handles, timing each window of 25k notifies (2.5k under TSan).
  *
- * Asserted: the cost of a notify stays flat (the fastest of the last three
- * windows <= 3x the fastest of the first three, for each producer); the
+ * Asserted: the cost of a notify stays flat (the fastest of the last five
+ * windows <= 3x the fastest of the first five, for each producer); the
  * queue's bytes held do not change after the warm-up; the resident set grows
  * less than 1 MiB (16 MiB under ThreadSanitizer, whose own pages grow); each subscription's waker ran once (its one empty ->
  * non-empty) and it dropped exactly what it could not hold; each wait's
@@ -100,9 +100,14 @@ static void *producer(void *arg) {
     return NULL;
 }
 
-static int64_t min3(const int64_t *v) {
+/* The fastest of n windows: a window the machine stole from (another test
+ * on the other vCPU, a preemption) only ever reads slower, so the fastest
+ * is the library's cost; n = 5 needs every one of 5 windows (~4 ms) stolen
+ * to misread. */
+#define EDGE 5
+static int64_t min_of(const int64_t *v, int n) {
     int64_t m = v[0];
-    for (int i = 1; i < 3; i++)
+    for (int i = 1; i < n; i++)
         m = v[i] < m ? v[i] : m;
     return m;
 }
@@ -111,7 +116,7 @@ Test(stalled, clients_that_never_drain_cost_producers_nothing, .timeout = 300) {
     per_producer = (uint64_t)SCALE(1000000) / PRODUCERS * (nqt_long() ? 8 : 1);
     per_producer -= per_producer % WINDOW;
     windows = (int)(per_producer / WINDOW);
-    cr_assert(windows >= 6 && windows <= MAX_WINDOWS);
+    cr_assert(windows >= 2 * EDGE && windows <= MAX_WINDOWS);
     nq_port_t *port;
     nq_sub_t *subs[HANDLES][2], *psubs[HANDLES];
     nq_wait_t *waits[HANDLES][USER_WAITS];
@@ -172,8 +177,8 @@ Test(stalled, clients_that_never_drain_cost_producers_nothing, .timeout = 300) {
     uint64_t per_window = WINDOW;
     double first_ns = 0, last_ns = 0, worst_ratio = 0;
     for (int p = 0; p < PRODUCERS; p++) {
-        double f = (double)min3(&window_ns[p][0]) / (double)per_window;
-        double l = (double)min3(&window_ns[p][windows - 3]) / (double)per_window;
+        double f = (double)min_of(&window_ns[p][0], EDGE) / (double)per_window;
+        double l = (double)min_of(&window_ns[p][windows - EDGE], EDGE) / (double)per_window;
         if (l / f > worst_ratio) {
             worst_ratio = l / f;
             first_ns = f;
