@@ -643,6 +643,11 @@ static struct {
     atomic_int stop;
 } CR;
 
+/* Past this bias, the side told to wait also sleeps 100 us: a spin alone
+ * does not let the other side run when both share one CPU (TSan on a loaded
+ * 2-core machine: cancel once never won in 10 s). */
+#define STEER_SLEEP_AT (1 << 16)
+
 static void *cancel_race_notifier(void *a) {
     (void)a;
     atomic_store(&CR.tid, cur_tid());
@@ -659,6 +664,8 @@ static void *cancel_race_notifier(void *a) {
         for (volatile unsigned k = 0; k < (seed >> 16) % 512 + (extra > 0 ? (unsigned)extra : 0);
              k++) {
         }
+        if (extra > STEER_SLEEP_AT)
+            sleep_ns(100 * 1000); /* see STEER_SLEEP_AT */
         atomic_store(&CR.rc, nq_notify(CR.q, CR.h, 1000 + i));
         atomic_store(&CR.done, i + 1);
     }
@@ -694,6 +701,8 @@ Test(wait, cancel_vs_notify_exactly_one_wins, .timeout = 60) {
         for (volatile unsigned k = 0; k < (seed >> 16) % 512 + (extra > 0 ? (unsigned)extra : 0);
              k++) {
         }
+        if (extra > STEER_SLEEP_AT)
+            sleep_ns(100 * 1000);
         int crc = nq_wait_cancel(w);
         while (atomic_load(&CR.done) != i + 1)
             sched_yield();
