@@ -585,6 +585,17 @@ static int nq__port_spin_worth_it(nq_port_t *p) {
     return (++p->spin_skipped & 63) == 0;
 }
 
+/* Empties the eventfd (non-blocking: EAGAIN when it was not readable),
+ * leaving the caller's errno as it was; efd_reads counts the reads that
+ * found it readable. */
+static void nq__port_read_efd(nq_port_t *p) {
+    uint64_t v;
+    int saved = errno;
+    if (nq__ops.read(p->efd, &v, sizeof(v)) == (ssize_t)sizeof(v))
+        atomic_fetch_add_explicit(&p->efd_reads, 1, memory_order_relaxed);
+    errno = saved;
+}
+
 int nq_port_dispatch(nq_port_t *p, unsigned budget) {
     if (p == NULL)
         return NQ_EINVAL;
@@ -595,11 +606,7 @@ int nq_port_dispatch(nq_port_t *p, unsigned budget) {
          * readable (it stays so while the outer dispatch runs). Clear it, or
          * a level-triggered nested loop spins; the outer dispatch no longer
          * trusts signalled (I1) and re-signals at its end if work is left. */
-        uint64_t v;
-        int saved = errno;
-        if (nq__ops.read(p->efd, &v, sizeof(v)) == (ssize_t)sizeof(v))
-            atomic_fetch_add_explicit(&p->efd_reads, 1, memory_order_relaxed);
-        errno = saved;
+        nq__port_read_efd(p);
         p->efd_cleared = 1;
         return NQ_EBUSY;
     }
@@ -659,13 +666,7 @@ int nq_port_dispatch(nq_port_t *p, unsigned budget) {
     /* Going idle (or a stalled head): clear the eventfd, then reopen the
      * signalling window (P) and look again (L). Non-blocking: an empty
      * read (a dispatch the loop's timer made) costs EAGAIN, nothing else. */
-    {
-        uint64_t v;
-        int saved = errno;
-        if (nq__ops.read(p->efd, &v, sizeof(v)) == (ssize_t)sizeof(v))
-            atomic_fetch_add_explicit(&p->efd_reads, 1, memory_order_relaxed);
-        errno = saved;
-    }
+    nq__port_read_efd(p);
     atomic_store_explicit(&p->signalled, 0, memory_order_seq_cst); /* P */
     if (nq__evq_pending(p->ready) > 0) {                            /* L */
         if (!nq__evq_head_ready(p->ready))                          /* L1 */
