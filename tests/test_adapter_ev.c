@@ -163,7 +163,7 @@ Test(adapter_ev, waits_of_30_50_100_ms_time_out_within_20_ms_on_the_default_loop
 /* A port callback (kick) and an ev_timer callback each add a wait whose
  * deadline is earlier than the one the adapter's timer is armed for. */
 static trec_t e_rec[3]; /* 100 ms from the start, 30 ms from kick, 30 ms from the ev_timer */
-static int e_kicks;
+static int e_kicks, e_timer_calls;
 
 static void e_kick_cb(void *data, int status, int64_t arg) {
     (void)data;
@@ -180,7 +180,29 @@ static void e_timer_cb(struct ev_loop *loop, ev_timer *t, int revents) {
     (void)revents;
     /* At ~40 ms: the first 30 ms wait has expired, the timer is re-armed for
      * ~100 ms; this one is due at ~70 ms, which only on_deadline can arm. */
+    e_timer_calls++;
     t_start(&e_rec[2]);
+}
+
+/* Runs the loop until the ev_timer has run and every wait has timed out.
+ * t_cb breaks the loop when no wait is left, and on a loaded machine that
+ * can happen before the 40 ms timer ran (a stall of 60 ms lets one dispatch
+ * expire both earlier waits), or in the iteration that then runs the timer
+ * (ev_break takes effect after it, with e_rec[2] just started). Such a round
+ * goes on until e_rec[2] has timed out too; a watchdog ends a run that would
+ * never finish. */
+static void e_run(struct ev_loop *loop) {
+    ev_timer dog;
+    ev_timer_init(&dog, watchdog_cb, 5., 0.);
+    ev_timer_start(loop, &dog);
+    ev_unref(loop); /* the watchdog alone does not keep ev_run going */
+    watchdog_fired = 0;
+    do
+        ev_run(loop, 0);
+    while ((t_pending > 0 || e_timer_calls == 0) && !watchdog_fired);
+    cr_assert_not(watchdog_fired, "the waits did not all time out in 5 s");
+    ev_ref(loop); /* as libev asks before stopping an unref'ed watcher */
+    ev_timer_stop(loop, &dog);
 }
 
 Test(adapter_ev, a_wait_added_in_a_callback_with_an_earlier_deadline_rearms_the_timer,
@@ -192,7 +214,7 @@ Test(adapter_ev, a_wait_added_in_a_callback_with_an_earlier_deadline_rearms_the_
         nq_ev_t w;
         t_setup(loop, &w);
         memset(e_rec, 0, sizeof(e_rec));
-        e_kicks = 0;
+        e_kicks = e_timer_calls = 0;
         e_rec[0].timeout_ms = 100;
         e_rec[1].timeout_ms = 30;
         e_rec[2].timeout_ms = 30;
@@ -204,9 +226,10 @@ Test(adapter_ev, a_wait_added_in_a_callback_with_an_earlier_deadline_rearms_the_
         t_start(&e_rec[0]);
         ev_timer_start(loop, &tm);
         cr_assert_geq(nq_notify(t_q, kick, 1), 1);
-        ev_run(loop, 0);
+        e_run(loop);
         cr_assert_eq(t_errors, 0);
         cr_assert_eq(e_kicks, 1);
+        cr_assert_eq(e_timer_calls, 1);
         cr_assert_eq(t_pending, 0);
         ok[0] |= t_on_time(&e_rec[0], "100 ms armed first");
         ok[1] |= t_on_time(&e_rec[1], "30 ms from a port callback");
