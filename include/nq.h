@@ -332,11 +332,15 @@ NQ_EXTERN int nq_port_new(nq_port_t **out);
 NQ_EXTERN int nq_port_new_sized(uint32_t max_items, nq_port_t **out);
 /* The eventfd to watch for readability, or NQ_EINVAL. */
 NQ_EXTERN int nq_port_fd(const nq_port_t *p);
-/* Runs up to budget ready callbacks (0: all that were ready when it began),
- * then expires due timeouts (their callbacks run too). Returns how many
- * callbacks ran. Work left over keeps the fd readable. Before it would go
- * idle with budget to spare, it watches for a few microseconds and runs
- * one more round of what arrived (still within the budget): a producer in
+/* Runs at most budget callbacks: first those of waits whose timeout is
+ * due, then ready ones, oldest first, up to what was ready when it began
+ * (budget 0: every due timeout and all that was ready). Returns how many
+ * callbacks ran. Ready work left over keeps the fd readable; due timeouts
+ * left over make nq_port_timeout_ms() 0, so the loop's timer brings the
+ * next dispatch. (A wait both notified and due gets one callback, from
+ * whichever completed it first.) Before it would go idle with budget to
+ * spare, it watches for a few microseconds and runs one more round of what
+ * arrived (still within the budget): a producer in
  * full flow then costs no wake-up per burst. NQ_EBUSY when called from
  * inside one of the port's own callbacks (the fd is cleared, so a nested
  * level-triggered loop does not spin on it); NQ_ECLOSED in a process that

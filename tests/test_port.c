@@ -738,6 +738,102 @@ Test(port, budget_leaves_the_rest_for_the_next_dispatch_and_the_fd_readable) {
     nq_queue_free(q);
 }
 
+/* The budget bounds timeout callbacks too, and they come first: a mass
+ * expiry is cut into budget-sized dispatches (the rest stay due, so
+ * nq_port_timeout_ms says 0 and a loop's timer comes back, with the fd
+ * quiet), and a backlog of ready work cannot make a due timeout wait. */
+Test(port, budget_bounds_timeout_callbacks_which_run_before_ready_ones, .timeout = 30) {
+    setup();
+    nq_queue_t *q = new_queue();
+    nq_handle_t quiet = reg(q);
+    nq_port_t *p = new_port();
+    enum { NT = 20, NR = 6 };
+    wrec_t t[NT], r[NR];
+    nq_handle_t h[NR];
+    memset(t, 0, sizeof(t));
+    memset(r, 0, sizeof(r));
+    for (int i = 0; i < NT; i++)
+        pwait(p, q, quiet, NQ_SEQ_NEXT, 0, &t[i], NULL); /* due at once */
+    for (int i = 0; i < NR; i++) {
+        h[i] = reg(q);
+        pwait(p, q, h[i], NQ_SEQ_NEXT, -1, &r[i], NULL);
+        nq_notify(q, h[i], 100 + i);
+    }
+    /* Due waits a notification completed first leave the heap with no
+     * callback of their own: their notification brings it. */
+    wrec_t both;
+    memset(&both, 0, sizeof(both));
+    nq_handle_t hb = reg(q);
+    pwait(p, q, hb, NQ_SEQ_NEXT, 0, &both, NULL);
+    cr_assert_eq(nq_notify(q, hb, 7), 1);
+    sleep_ns(2 * MS);
+    cr_assert_eq(nq_port_timeout_ms(p), 0);
+
+    int dispatches = 0, timeouts = 0, ready = 0, max_ran = 0;
+    while (timeouts < NT || ready < NR || both.calls == 0) {
+        cr_assert_lt(++dispatches, 100, "the work never drained");
+        int before = timeouts + ready + both.calls;
+        int ran = dispatch(p, 4);
+        cr_assert_leq(ran, 4, "dispatch(4) ran %d callbacks", ran);
+        if (ran > max_ran)
+            max_ran = ran;
+        timeouts = ready = 0;
+        for (int i = 0; i < NT; i++)
+            timeouts += t[i].calls;
+        for (int i = 0; i < NR; i++)
+            ready += r[i].calls;
+        cr_assert_eq(ran, timeouts + ready + both.calls - before);
+        /* timeouts first: no ready callback while a due timeout is left */
+        if (ready + both.calls > 0)
+            cr_assert_eq(timeouts, NT, "a ready callback ran with %d of %d due timeouts left",
+                         NT - timeouts, NT);
+        if (timeouts < NT) {
+            cr_assert_eq(nq_port_timeout_ms(p), 0, "due timeouts left, and timeout_ms is not 0");
+            cr_assert(readable(p), "ready work left: the fd must stay readable");
+        }
+    }
+    cr_assert_eq(max_ran, 4);
+    cr_assert_geq(dispatches, (NT + NR + 1) / 4);
+    for (int i = 0; i < NT; i++) {
+        cr_assert_eq(t[i].calls, 1);
+        cr_assert_eq(t[i].status, NQ_ETIMEDOUT);
+    }
+    for (int i = 0; i < NR; i++) {
+        cr_assert_eq(r[i].calls, 1);
+        cr_assert_eq(r[i].status, 0);
+        cr_assert_eq(r[i].arg, 100 + i);
+    }
+    cr_assert_eq(both.calls, 1, "notified and due: one callback");
+    cr_assert_eq(both.status, 0, "the notification completed it first");
+    cr_assert_eq(both.arg, 7);
+    nq_port_stats_t st = pstats(p);
+    cr_assert_eq(st.deadlines, 0);
+    cr_assert_eq(st.deadlines_expired, NT);
+    cr_assert_eq(nq_port_timeout_ms(p), -1);
+    cr_assert_eq(dispatch(p, 4), 0);
+    cr_assert_not(readable(p));
+
+    /* Due timeouts alone, cut by the budget, keep the fd readable too: the
+     * loop comes back through its I/O watcher in its next iteration. */
+    wrec_t d[5];
+    memset(d, 0, sizeof(d));
+    for (int i = 0; i < 5; i++)
+        pwait(p, q, quiet, NQ_SEQ_NEXT, 0, &d[i], NULL);
+    sleep_ns(2 * MS);
+    cr_assert_eq(dispatch(p, 2), 2);
+    cr_assert(readable(p), "due timeouts left, and the fd is quiet");
+    cr_assert_eq(nq_port_timeout_ms(p), 0);
+    cr_assert_eq(dispatch(p, 2), 2);
+    cr_assert(readable(p));
+    cr_assert_eq(dispatch(p, 2), 1);
+    cr_assert_not(readable(p), "nothing left, and the fd is readable");
+    cr_assert_eq(nq_port_timeout_ms(p), -1);
+    for (int i = 0; i < 5; i++)
+        cr_assert_eq(d[i].status, NQ_ETIMEDOUT);
+    port_free(p);
+    nq_queue_free(q);
+}
+
 /* --- level-triggered subscriptions ----------------------------------------- */
 
 Test(port, subscription_callback_is_level_triggered) {

@@ -48,6 +48,10 @@
  * The eventfd is read only when going idle, never at the start: a write
  * that lands after that read (a waker that exchanged before P) leaves the
  * fd readable, and the next dispatch, with nothing to run, reads it again.
+ * "Work left" is also a deadline that is due when dispatch ends (its
+ * expiry, first and within the budget, stopped at the budget, or a callback
+ * started a wait with timeout 0): the fd stays readable in the same way, so
+ * the loop comes back through its I/O watcher like for any other work.
  * Before the idle path, a dispatch with budget to spare may watch the evq
  * for a few microseconds (adaptive: see nq__port_spin_worth_it) and run
  * what arrives; that only delays the idle path, it changes none of the
@@ -530,13 +534,16 @@ static int nq__port_run(nq_port_t *p, uint32_t token) {
     return 0;
 }
 
-static int nq__port_expire(nq_port_t *p) {
+/* Times out due waits, at most limit callbacks (0: every due one). What is
+ * left stays due in the heap: nq_port_timeout_ms says 0 and the loop's
+ * timer brings the next dispatch. */
+static int nq__port_expire(nq_port_t *p, unsigned limit) {
     int ran = 0;
     int64_t now = nq__now_ns();
     /* A callback that detaches the port or frees it stops the expiry too:
      * the waits left stay in the heap for the next dispatch. */
     while (p->heap_len > 0 && p->heap[0]->deadline_ns <= now && !p->detached_in_dispatch &&
-           !p->free_deferred) {
+           !p->free_deferred && (limit == 0 || (unsigned)ran < limit)) {
         nq_wait_t *w = p->heap[0];
         nq__heap_remove(p, w);
         if (nq__wait_cancel_by_port(w, NQ_ETIMEDOUT) == 0) {
@@ -550,6 +557,12 @@ static int nq__port_expire(nq_port_t *p) {
 }
 
 static void nq__port_destroy(nq_port_t *p);
+
+/* A deadline is due now: the expiry left it (its budget ran out) or a
+ * callback made it. One clock read, and only while waits have deadlines. */
+static int nq__port_due(const nq_port_t *p) {
+    return p->heap_len > 0 && p->heap[0]->deadline_ns <= nq__now_ns();
+}
 
 /* Polls and runs up to limit tokens; returns how many it took. Stops early
  * when the port is freed or detached inside a callback (the untaken ones of
@@ -616,17 +629,26 @@ int nq_port_dispatch(nq_port_t *p, unsigned budget) {
     /* Budget 0: what is queued now. The eventfd is not read here: see the
      * end, and the top comment. */
     uint64_t limit = nq__evq_pending(p->ready);
-    if (budget != 0 && budget < limit)
-        limit = budget;
 
-    int ran = 0;
-    uint64_t taken = nq__port_run_batch(p, limit, &ran);
+    /* Due timeouts first, within the budget: a flood of ready items cannot
+     * make them late, and a mass expiry is cut into budget-sized dispatches
+     * like any other work (the rest stay due: the loop's timer, armed for
+     * 0 ms, comes back). Which of a notification and a timeout wins a wait
+     * is decided by the wait's state, not by this order. */
+    int ran = nq__port_expire(p, budget);
+    uint64_t room = budget == 0 ? UINT64_MAX : (uint64_t)budget - (uint64_t)ran;
+    if (room < limit)
+        limit = room;
+
+    uint64_t taken = 0;
+    if (!p->free_deferred && !p->detached_in_dispatch)
+        taken = nq__port_run_batch(p, limit, &ran);
     /* Nothing left, and the budget not spent: before going idle (an eventfd
      * read here, a write by the next waker, a sleep and a wake-up for the
      * loop), watch the evq for a moment; a producer in full flow notifies
      * again within it. One round at most per dispatch, within the budget,
      * so a flood cannot keep a dispatch from returning. */
-    if (!p->free_deferred && !p->detached_in_dispatch && (budget == 0 || taken < budget) &&
+    if (!p->free_deferred && !p->detached_in_dispatch && taken < room &&
         nq__evq_pending(p->ready) == 0 && nq__port_spin_worth_it(p)) {
         for (int i = 0; i < NQ__PORT_SPINS && nq__evq_pending(p->ready) == 0; i++)
             nq__cpu_relax();
@@ -635,13 +657,11 @@ int nq_port_dispatch(nq_port_t *p, unsigned budget) {
         atomic_fetch_add_explicit(&p->idle_spins, 1, memory_order_relaxed);
         if (more > 0)
             atomic_fetch_add_explicit(&p->idle_spin_hits, 1, memory_order_relaxed);
-        if (budget != 0 && more > budget - taken)
-            more = budget - taken;
+        if (more > room - taken)
+            more = room - taken;
         if (more > 0)
             nq__port_run_batch(p, more, &ran);
     }
-    if (!p->free_deferred && !p->detached_in_dispatch)
-        ran += nq__port_expire(p);
     p->detached_in_dispatch = 0;
 
     p->in_dispatch = 0;
@@ -649,10 +669,14 @@ int nq_port_dispatch(nq_port_t *p, unsigned budget) {
         nq__port_destroy(p);
         return ran;
     }
-    /* Work left that we can run (a budget, re-armed subscriptions): the
-     * fd must stay readable so the loop comes back. It is, while signalled
-     * is 1 (I1 at the top), so sustained load costs no syscall at all. */
-    if (nq__evq_head_ready(p->ready)) {
+    /* Work left that we can run (a budget, re-armed subscriptions, a due
+     * timeout the budget cut off or a callback made due): the fd must stay
+     * readable so the loop comes back, in its next iteration, through its
+     * I/O watcher (a 0 ms timer re-armed inside its own callback would
+     * run again at once in some loops: libuv before 1.45). It is, while
+     * signalled is 1 (I1 at the top), so sustained load costs no syscall
+     * at all. */
+    if (nq__evq_head_ready(p->ready) || nq__port_due(p)) {
         if (p->efd_cleared) { /* a nested call read the fd: reopen (P) */
             p->efd_cleared = 0;
             atomic_store_explicit(&p->signalled, 0, memory_order_seq_cst);

@@ -65,6 +65,11 @@ typedef struct fwait {
     uint64_t after;
     unsigned wakes, exp_wakes; /* waker calls seen / predicted */
     int token, in_heap, timeout0, cb_mode, cb_ran;
+    /* A due wait a notification completed, left in the deadline heap or not
+     * by a dispatch whose expiry stopped at its budget (the heap's order
+     * among equal deadlines decides): check_all settles it from
+     * nq_port_stats once the count allows. */
+    int maybe_heap;
 } fwait_t;
 
 typedef struct fsub {
@@ -130,7 +135,12 @@ static struct {
     /* a dispatch (or port free) in progress */
     int in_dispatch, in_free, in_cb;
     int batch[MAXTOK];
-    int nbatch, cursor, expire_phase, post_sub, ran;
+    int nbatch, cursor, post_sub, ran;
+    /* Dispatch: due timeouts first (expired, at most budget), then a batch of
+     * min(ready at the start, budget - expired), taken at the first ready
+     * callback or at the end. */
+    int flen_start, expired, batch_taken;
+    unsigned budget;
     int free_list[MAXTOK];
     int nfree_list, free_cursor;
 
@@ -967,6 +977,26 @@ static void m_finish_post(void) {
     }
 }
 
+/* The tokens dispatch polls once its expiry is over: the oldest of those
+ * ready when it began, as many as the budget leaves. */
+static void m_take_batch(void) {
+    if (M.batch_taken)
+        return;
+    M.batch_taken = 1;
+    int limit = M.flen_start;
+    if (M.budget != 0 && (int)M.budget - M.expired < limit)
+        limit = (int)M.budget - M.expired;
+    M.nbatch = limit;
+    for (int i = 0; i < limit; i++) {
+        int t = M.fifo[M.fhead];
+        M.fhead = (M.fhead + 1) % MAXTOK;
+        M.flen--;
+        M.pend[t] = 0;
+        M.batch[i] = t;
+    }
+    M.cursor = 0;
+}
+
 static void m_drain_batch(void) {
     while (M.cursor < M.nbatch)
         CHECK(!runnable(M.batch[M.cursor++])); /* dispatch skipped a ready item */
@@ -977,6 +1007,7 @@ static void m_port_wait_done(int i) {
     f->cb_ran = 1;
     f->port_ref = 0;
     f->in_heap = 0;
+    f->maybe_heap = 0;
     m_tok_put(f->token);
 }
 
@@ -985,10 +1016,9 @@ static void m_cb_enter(int kind, int rec, int status, int64_t arg) {
     m_finish_post();
     M.ran++;
     if (kind == IT_WAIT && status == NQ_ETIMEDOUT) {
-        if (!M.expire_phase) {
-            m_drain_batch();
-            M.expire_phase = 1;
-        }
+        CHECK(!M.batch_taken); /* timeouts before ready callbacks */
+        CHECK(M.budget == 0 || M.expired < (int)M.budget);
+        M.expired++;
         fwait_t *f = &M.w[rec];
         CHECK(f->kind == WK_PORT && f->listed && f->in_heap && f->timeout0 && f->port_ref);
         m_wait_complete(rec, NQ_ETIMEDOUT, 0);
@@ -996,7 +1026,7 @@ static void m_cb_enter(int kind, int rec, int status, int64_t arg) {
         m_port_wait_done(rec);
         return;
     }
-    CHECK(!M.expire_phase);
+    m_take_batch();
     while (M.cursor < M.nbatch) {
         int t = M.batch[M.cursor++];
         if (!runnable(t))
@@ -1027,19 +1057,11 @@ static void op_dispatch(void) {
         EXPECT_RC(nq_port_dispatch(NULL, budget), NQ_EINVAL);
         return;
     }
-    int limit = M.flen;
-    if (budget != 0 && (int)budget < limit)
-        limit = (int)budget;
-    M.nbatch = limit;
-    for (int i = 0; i < limit; i++) {
-        int t = M.fifo[M.fhead];
-        M.fhead = (M.fhead + 1) % MAXTOK;
-        M.flen--;
-        M.pend[t] = 0;
-        M.batch[i] = t;
-    }
-    M.cursor = 0;
-    M.expire_phase = 0;
+    M.flen_start = M.flen;
+    M.budget = budget;
+    M.expired = 0;
+    M.batch_taken = 0;
+    M.nbatch = M.cursor = 0;
     M.post_sub = -1;
     M.ran = 0;
     M.in_dispatch = 1;
@@ -1048,16 +1070,34 @@ static void op_dispatch(void) {
     TR("} = %d\n", rc);
     M.in_dispatch = 0;
     m_finish_post();
-    if (!M.expire_phase)
-        m_drain_batch();
-    /* Every due timeout expired, and the expiry took every due deadline off
-     * the heap, also those of waits a notification completed first. */
+    m_take_batch();
+    m_drain_batch();
+    /* Below its budget, the expiry timed out every due wait and took every
+     * due deadline off the heap, also those of waits a notification
+     * completed first. At its budget, due waits still pending stay (exactly
+     * known: each timed-out one had its callback); a completed one may or
+     * may not have been reached. */
+    int cut = M.budget != 0 && M.expired == (int)M.budget;
     for (int i = 0; i < M.nw; i++) {
         fwait_t *f = &M.w[i];
-        if (f->kind == WK_PORT && f->in_heap && f->timeout0) {
-            CHECK(!f->listed);
+        if (f->kind != WK_PORT || !f->timeout0)
+            continue;
+        if (!cut) {
+            if (f->in_heap)
+                CHECK(!f->listed);
+            f->in_heap = f->maybe_heap = 0;
+        } else if (f->in_heap && !f->listed) {
             f->in_heap = 0;
+            f->maybe_heap = 1;
         }
+    }
+    /* A timeout left due keeps the eventfd readable, like ready work. */
+    int due_left = 0;
+    for (int i = 0; i < M.nw; i++)
+        due_left += M.w[i].kind == WK_PORT && M.w[i].in_heap && M.w[i].timeout0;
+    if (due_left > 0) {
+        struct pollfd pfd = {nq_port_fd(M.p), POLLIN, 0};
+        CHECK(poll(&pfd, 1, 0) == 1 && (pfd.revents & POLLIN));
     }
     EXPECT_RC(rc, M.ran);
 }
@@ -1197,7 +1237,7 @@ static void do_port_free(void) {
         int i = M.item[t].rec;
         if (M.w[i].listed)
             m_wait_complete(i, NQ_ECANCELED, 0);
-        M.w[i].in_heap = 0;
+        M.w[i].in_heap = M.w[i].maybe_heap = 0;
         M.free_list[M.nfree_list++] = i;
     }
     M.in_free = 1;
@@ -1352,7 +1392,7 @@ static void op_dump(void) {
 /* --- invariants after every top-level operation ---------------------------------------- */
 
 static void check_all(void) {
-    int live_waits = 0, pending = 0, live_subs = 0, heap = 0, tokens = 0, timeout0 = 0;
+    int live_waits = 0, pending = 0, live_subs = 0, heap = 0, tokens = 0, timeout0 = 0, maybe = 0;
     for (int i = 0; i < M.nw; i++) {
         fwait_t *f = &M.w[i];
         if (f->kind == WK_USER) {
@@ -1365,6 +1405,7 @@ static void check_all(void) {
         pending += f->listed;
         heap += f->in_heap;
         timeout0 += f->in_heap && f->timeout0;
+        maybe += f->maybe_heap;
     }
     for (int k = 0; k < M.ns; k++) {
         fsub_t *f = &M.s[k];
@@ -1398,10 +1439,25 @@ static void check_all(void) {
         nq_port_stats_t ps;
         EXPECT_RC(nq_port_stats(M.p, &ps), 0);
         CHECK(ps.live_items == (uint32_t)tokens);
-        CHECK(ps.deadlines == (uint32_t)heap);
+        /* The maybes still in the heap: none or all settle them. */
+        CHECK(ps.deadlines >= (uint32_t)heap && ps.deadlines <= (uint32_t)(heap + maybe));
+        int left = (int)ps.deadlines - heap;
+        if (maybe > 0 && (left == 0 || left == maybe)) {
+            for (int i = 0; i < M.nw; i++) {
+                if (M.w[i].maybe_heap) {
+                    M.w[i].maybe_heap = 0;
+                    M.w[i].in_heap = left > 0;
+                }
+            }
+            heap += left;
+            timeout0 += left;
+            left = 0;
+        }
         CHECK(ps.max_items == (uint32_t)M.port_items);
         int64_t ms = nq_port_timeout_ms(M.p);
-        if (heap == 0)
+        if (left > 0) /* a due deadline is still in the heap */
+            CHECK(ms == 0);
+        else if (heap == 0)
             CHECK(ms == -1);
         else if (timeout0 > 0)
             CHECK(ms == 0);
