@@ -1586,3 +1586,142 @@ Test(adapter_uv, budget_1_runs_one_callback_per_loop_iteration) {
     cr_assert_leq(ps.efd_writes, ps.dispatches + 1);
     close_all(&loop, &h, port, q);
 }
+
+/* A mass expiry is cut into budget-sized dispatches too: 20000 waits time
+ * out together with budget 8, each loop iteration runs at most 8 of them,
+ * and a 1 ms repeating uv timer on the same loop keeps firing while they
+ * drain. */
+enum { MX_N = 20000, MX_H = 80 }; /* 250 waits a handle: within the default limit */
+
+static struct {
+    int calls, bad, iter, iter_calls, max_iter_calls, ticks, ticks_during;
+    nq_port_t *port;
+    uint64_t dispatch; /* the dispatch the last callback ran in */
+    int dispatch_calls, max_dispatch_calls;
+} mx;
+
+static void mx_wait_cb(void *data, int status, int64_t arg) {
+    (void)data;
+    (void)arg;
+    if (status != NQ_ETIMEDOUT)
+        mx.bad++;
+    mx.calls++;
+    if (++mx.iter_calls > mx.max_iter_calls)
+        mx.max_iter_calls = mx.iter_calls;
+    nq_port_stats_t ps;
+    if (nq_port_stats(mx.port, &ps) != 0)
+        mx.bad++;
+    if (ps.dispatches != mx.dispatch) {
+        mx.dispatch = ps.dispatches;
+        mx.dispatch_calls = 0;
+    }
+    if (++mx.dispatch_calls > mx.max_dispatch_calls)
+        mx.max_dispatch_calls = mx.dispatch_calls;
+}
+
+static void mx_prepare_cb(uv_prepare_t *p) {
+    (void)p;
+    mx.iter++;
+    mx.iter_calls = 0;
+}
+
+static void mx_tick_cb(uv_timer_t *t) {
+    (void)t;
+    mx.ticks++;
+    mx.ticks_during += mx.calls > 0 && mx.calls < MX_N;
+}
+
+static void mx_done_cb(uv_check_t *c);
+
+Test(adapter_uv, a_mass_expiry_keeps_to_the_budget_and_a_1ms_timer_keeps_firing, .timeout = 30) {
+    uv_loop_t loop;
+    nq_uv_t h;
+    nq_queue_t *q;
+    nq_handle_t hd;
+    memset(&mx, 0, sizeof(mx));
+    nq_port_t *port = open_all(&loop, &h, &q, &hd);
+    cr_assert_eq(nq_uv_set_budget(&h, 8), 0);
+    mx.port = port;
+    nq_handle_t hs[MX_H] = {hd};
+    for (int i = 1; i < MX_H; i++)
+        hs[i] = reg(q, "uv-test");
+    for (int i = 0; i < MX_N; i++)
+        cr_assert_eq(nq_port_wait(port, q, hs[i % MX_H], NQ_SEQ_NEXT, 5, mx_wait_cb, NULL, NULL),
+                     0);
+    uv_prepare_t prep;
+    uv_timer_t tick;
+    uv_check_t done;
+    cr_assert_eq(uv_prepare_init(&loop, &prep), 0);
+    cr_assert_eq(uv_prepare_start(&prep, mx_prepare_cb), 0);
+    cr_assert_eq(uv_timer_init(&loop, &tick), 0);
+    cr_assert_eq(uv_timer_start(&tick, mx_tick_cb, 1, 1), 0);
+    cr_assert_eq(uv_check_init(&loop, &done), 0);
+    done.data = &h;
+    cr_assert_eq(uv_check_start(&done, mx_done_cb), 0);
+    guard_start(&loop, 10000);
+    (void)uv_run(&loop, UV_RUN_DEFAULT); /* until mx_done_cb stops it */
+    guard_end();
+    uv_close((uv_handle_t *)&prep, NULL);
+    uv_close((uv_handle_t *)&tick, NULL);
+    cr_log_info("%d timeouts, budget 8: %d loop iterations, at most %d callbacks in one "
+                "dispatch and %d in one iteration, the 1 ms timer fired %d times while they "
+                "drained",
+                MX_N, mx.iter, mx.max_dispatch_calls, mx.max_iter_calls, mx.ticks_during);
+    cr_assert_eq(mx.bad, 0);
+    cr_assert_eq(mx.calls, MX_N);
+    cr_assert_leq(mx.max_dispatch_calls, 8, "%d timeout callbacks in one dispatch",
+                  mx.max_dispatch_calls);
+    /* The poll watcher's dispatch, and at times the timer's too. */
+    cr_assert_leq(mx.max_iter_calls, 16, "%d timeout callbacks in one loop iteration",
+                  mx.max_iter_calls);
+    cr_assert_geq(mx.iter, MX_N / 16);
+    /* 2500 loop iterations (each an eventfd read and write) take several
+     * milliseconds; the timer runs in every iteration once it is due. */
+    cr_assert_gt(mx.ticks_during, 0, "the 1 ms timer never fired while %d timeouts drained", MX_N);
+    nq_port_stats_t ps = pstats(port);
+    cr_assert_eq(ps.deadlines_expired, (uint64_t)MX_N);
+    cr_assert_eq(ps.deadlines, 0);
+    free_all(&loop, port, q);
+}
+
+/* Once every timeout ran, close what keeps the loop going. */
+static void mx_done_cb(uv_check_t *c) {
+    if (mx.calls < MX_N)
+        return;
+    uv_close((uv_handle_t *)c, NULL);
+    if (nq_uv_close(c->data, NULL) != 0)
+        mx.bad++;
+    uv_stop(c->loop);
+}
+
+/* libuv refusing the fd (here: a uv_poll_t of the caller's already watches
+ * it on this loop): NQ_ESYS with libuv's errno, the port left unattached,
+ * and the handle as never initialised. */
+static void rf_other_cb(uv_poll_t *p, int status, int events) {
+    (void)p;
+    (void)status;
+    (void)events;
+}
+
+Test(adapter_uv, a_refused_fd_is_esys_and_leaves_the_handle_uninitialised) {
+    uv_loop_t loop;
+    loop_init(&loop);
+    nq_port_t *port = new_port();
+    uv_poll_t other;
+    cr_assert_eq(uv_poll_init(&loop, &other, nq_port_fd(port)), 0);
+    cr_assert_eq(uv_poll_start(&other, UV_READABLE, rf_other_cb), 0);
+    nq_uv_t h;
+    memset(&h, 0, sizeof(h));
+    errno = 0;
+    cr_assert_eq(nq_uv_init(&loop, &h, port), NQ_ESYS);
+    cr_assert_eq(errno, EEXIST, "errno %d (%s)", errno, strerror(errno));
+    cr_assert_null(nq_port_owner(port));
+    cr_assert_eq(nq_uv_close(&h, NULL), NQ_EINVAL);
+    cr_assert_eq(nq_uv_ref(&h), NQ_EINVAL);
+    cr_assert_eq(nq_uv_set_budget(&h, 4), NQ_EINVAL);
+    uv_close((uv_handle_t *)&other, NULL);
+    cr_assert_eq(uv_run(&loop, UV_RUN_DEFAULT), 0);
+    /* Once the other poll is gone, the same memory initialises. */
+    uv_init_ok(&loop, &h, port);
+    close_all(&loop, &h, port, NULL);
+}

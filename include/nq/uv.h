@@ -50,16 +50,28 @@ struct nq_uv {
 /* Attaches port to loop through h (memory the caller owns and keeps until the
  * close callback). The handle is active and referenced at once. NQ_EINVAL for
  * a NULL argument, NQ_EBUSY if the port is already attached (to this or any
- * other adapter), NQ_ESYS if libuv refuses the fd (errno set from libuv's
- * error). Do not init an nq_uv_t that is open: close it first. */
+ * other adapter: a second init with the same port), NQ_ESYS if libuv refuses
+ * the fd (errno set from libuv's error; h is then as never initialised).
+ * Like a uv handle, an nq_uv_t must not be initialised again while it is
+ * open or closing (before its close callback ran): libuv still holds the
+ * two handles inside it, and its memory is not read to find out (it may
+ * never have been initialised). */
 NQ_EXTERN int nq_uv_init(uv_loop_t *loop, nq_uv_t *h, nq_port_t *port);
 
 /* Starts closing: stops watching, detaches the port (which the caller still
  * owns: free it in close_cb or later), and calls close_cb (may be NULL) once
  * both uv handles have closed, in a later loop iteration, like uv_close. No
- * port callback runs through h after nq_uv_close returns. May be called from
- * inside a port callback. NQ_ECLOSED if h is already closing or closed,
- * NQ_EINVAL for NULL or a handle never initialised. */
+ * port callback runs through h after nq_uv_close returns, also when called
+ * from inside a port callback: that dispatch stops after it, and what was
+ * left stays ready for the port's next owner. (nq_port_free still runs the
+ * callbacks of the port's waits, as nq.h says: those are the port's.)
+ * NQ_ECLOSED if h is already closing or closed, NQ_EINVAL for NULL or a
+ * handle never initialised.
+ *
+ * uv_walk sees the two handles inside h (a uv_poll_t and a uv_timer_t, each
+ * with data == h): a shutdown walk that closes every handle must skip them
+ * and call nq_uv_close(h) instead; uv_close on them directly leaves h
+ * unusable (libuv asserts when nq_uv_close closes them a second time). */
 NQ_EXTERN int nq_uv_close(nq_uv_t *h, nq_uv_close_cb close_cb);
 
 /* Like uv_ref / uv_unref / uv_has_ref: an unreferenced handle does not keep
@@ -69,9 +81,10 @@ NQ_EXTERN int nq_uv_ref(nq_uv_t *h);
 NQ_EXTERN int nq_uv_unref(nq_uv_t *h);
 NQ_EXTERN int nq_uv_has_ref(const nq_uv_t *h);
 
-/* Callbacks per loop wakeup: at most budget per nq_port_dispatch (0: all that
- * were ready when it began); what is left runs in the next loop iteration,
- * after the loop's other ready work. Default NQ_UV_DEFAULT_BUDGET. */
+/* Callbacks per loop wakeup: at most budget per nq_port_dispatch, due
+ * timeouts first (0: every due timeout and all that was ready when it
+ * began); what is left runs in the next loop iteration, after the loop's
+ * other ready work. Default NQ_UV_DEFAULT_BUDGET. */
 NQ_EXTERN int nq_uv_set_budget(nq_uv_t *h, unsigned budget);
 
 #ifdef __cplusplus

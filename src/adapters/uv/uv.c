@@ -40,7 +40,8 @@ static int nq__uv_check(const nq_uv_t *h) {
 
 static void nq__uv_on_timer(uv_timer_t *t);
 
-static void nq__uv_arm(nq_uv_t *h) {
+/* after_dispatch: called when a dispatch has just returned. */
+static void nq__uv_arm(nq_uv_t *h, int after_dispatch) {
     int64_t ms = nq_port_timeout_ms(h->nq__port);
     if (ms < 0) {
         uv_timer_stop(&h->nq__timer);
@@ -49,9 +50,16 @@ static void nq__uv_arm(nq_uv_t *h) {
     /* libuv counts from its cached, whole-millisecond "now": refresh it (a
      * clock read) and add 1 ms for the truncation, so the timer never fires
      * before the deadline and one UV_RUN_ONCE that wakes for it also runs
-     * the timeout's callback. Cannot fail: the timer is open, with a cb. */
+     * the timeout's callback. A deadline already due after a dispatch (the
+     * budget cut the expiry short) gets 1 ms, not 0: libuv before 1.45 runs
+     * a 0 ms timer started inside its own callback again in the same pass,
+     * which would run the whole expiry in one loop iteration. The port
+     * keeps its fd readable while a timeout is due, so the poll watcher
+     * brings the next dispatch in the next iteration; the timer is the
+     * backstop. Cannot fail: the timer is open, with a cb. */
     uv_update_time(h->nq__loop);
-    (void)uv_timer_start(&h->nq__timer, nq__uv_on_timer, ms > 0 ? (uint64_t)ms + 1 : 0, 0);
+    uint64_t due_in = ms > 0 ? (uint64_t)ms + 1 : after_dispatch ? 1 : 0;
+    (void)uv_timer_start(&h->nq__timer, nq__uv_on_timer, due_in, 0);
 }
 
 static void nq__uv_dispatch(nq_uv_t *h) {
@@ -59,7 +67,7 @@ static void nq__uv_dispatch(nq_uv_t *h) {
     (void)nq_port_dispatch(h->nq__port, h->nq__budget);
     h->nq__in_cb = 0;
     if (h->nq__state == NQ__UV_OPEN) /* a callback may have closed h */
-        nq__uv_arm(h);
+        nq__uv_arm(h, 1);
 }
 
 static void nq__uv_on_poll(uv_poll_t *poll, int status, int events) {
@@ -79,7 +87,7 @@ static void nq__uv_on_deadline(nq_port_t *p, void *data) {
     nq_uv_t *h = data;
     (void)p;
     if (h->nq__state == NQ__UV_OPEN && !h->nq__in_cb)
-        nq__uv_arm(h); /* inside a dispatch: armed when it returns */
+        nq__uv_arm(h, 0); /* inside a dispatch: armed when it returns */
 }
 
 int nq_uv_init(uv_loop_t *loop, nq_uv_t *h, nq_port_t *port) {
@@ -111,11 +119,11 @@ int nq_uv_init(uv_loop_t *loop, nq_uv_t *h, nq_port_t *port) {
     (void)uv_poll_start(&h->nq__poll, UV_READABLE, nq__uv_on_poll);
     h->nq__state = NQ__UV_OPEN;
     (void)nq_port_on_deadline(port, nq__uv_on_deadline, h);
-    nq__uv_arm(h); /* waits made before init may have deadlines */
+    nq__uv_arm(h, 0); /* waits made before init may have deadlines */
     return 0;
 fail:
     (void)nq_port_detach(port, h);
-    h->nq__state = NQ__UV_CLOSED;
+    h->nq__state = 0; /* as never initialised: NQ_EINVAL from here on */
     errno = -uerr;
     return NQ_ESYS;
 }
