@@ -863,3 +863,109 @@ Test(adapter_ev, a_flood_cannot_starve_a_timer_and_the_budget_bounds_each_wakeup
     teardown(loop, &w, p, q);
     ev_loop_destroy(loop);
 }
+
+/* --- 7. nq_ev_stop inside a port callback ------------------------------- */
+
+/* Like a stopped libev watcher, a watcher stopped inside one of its port
+ * callbacks calls back no more: that dispatch stops after the callback, the
+ * rest stays ready and runs after the next nq_ev_start. */
+static struct ev_loop *sp_loop;
+static nq_ev_t sp_w;
+static int sp_n, sp_stop_rc = 1, sp_calls[10], sp_active_after;
+
+static void sp_cb(void *data, int status, int64_t arg) {
+    (void)arg;
+    int i = (int)(intptr_t)data;
+    if (status != 0)
+        sp_stop_rc = -100;
+    sp_calls[i]++;
+    if (++sp_n == 1) {
+        sp_stop_rc = nq_ev_stop(sp_loop, &sp_w);
+        sp_active_after = nq_ev_is_active(&sp_w);
+    }
+    if (sp_n == 10)
+        ev_break(sp_loop, EVBREAK_ALL);
+}
+
+Test(adapter_ev, stop_inside_a_port_callback_stops_that_dispatch_and_start_resumes,
+     .timeout = 30) {
+    sp_loop = ev_loop_new(0);
+    cr_assert_not_null(sp_loop);
+    nq_queue_t *q = new_queue();
+    nq_handle_t h = reg(q, "ten");
+    nq_port_t *p = new_port();
+    for (int i = 0; i < 10; i++)
+        cr_assert_eq(nq_port_wait(p, q, h, NQ_SEQ_NEXT, -1, sp_cb, (void *)(intptr_t)i, NULL), 0);
+    cr_assert_eq(nq_notify(q, h, 7), 10);
+    cr_assert_eq(nq_ev_init(&sp_w, p), 0);
+    cr_assert_eq(nq_ev_start(sp_loop, &sp_w), 0);
+    cr_assert_eq(ev_run(sp_loop, 0), 0, "the stopped watcher left nothing active");
+    cr_assert_eq(sp_stop_rc, 0);
+    cr_assert_eq(sp_active_after, 0);
+    cr_assert_eq(sp_n, 1, "%d callbacks ran in the dispatch that stopped the watcher", sp_n);
+    cr_assert_eq(pstats(p).callbacks, 1);
+    cr_assert(fd_readable(nq_port_fd(p)), "the rest is still ready");
+    cr_assert_eq(nq_port_owner(p), &sp_w, "the port is still the watcher's");
+
+    cr_assert_eq(nq_ev_start(sp_loop, &sp_w), 0);
+    ev_run(sp_loop, 0);
+    cr_assert_eq(sp_n, 10);
+    for (int i = 0; i < 10; i++)
+        cr_assert_eq(sp_calls[i], 1, "wait %d: %d callbacks", i, sp_calls[i]);
+    teardown(sp_loop, &sp_w, p, q);
+    ev_loop_destroy(sp_loop);
+}
+
+/* A nested ev_run inside a port callback while the watcher's timer is armed
+ * for a deadline already due (budget 1 left two due timeouts): the timer
+ * must not fire every microsecond while the nested loop runs. */
+static struct ev_loop *nt_loop;
+static int nt_calls, nt_fired;
+static unsigned nt_iters;
+
+static void nt_on_timer(struct ev_loop *loop, ev_timer *t, int revents) {
+    (void)loop;
+    (void)t;
+    (void)revents;
+    nt_fired = 1;
+}
+
+static void nt_cb(void *data, int status, int64_t arg) {
+    (void)data;
+    (void)arg;
+    (void)status;
+    if (++nt_calls > 1) {
+        if (nt_calls == 3)
+            ev_break(nt_loop, EVBREAK_ALL);
+        return;
+    }
+    ev_timer t;
+    ev_timer_init(&t, nt_on_timer, 0.02, 0);
+    ev_timer_start(nt_loop, &t);
+    unsigned i0 = ev_iteration(nt_loop);
+    while (!nt_fired)
+        ev_run(nt_loop, EVRUN_ONCE);
+    nt_iters = ev_iteration(nt_loop) - i0;
+}
+
+Test(adapter_ev, a_nested_ev_run_does_not_spin_on_a_due_deadline, .timeout = 30) {
+    nt_loop = ev_loop_new(EVFLAG_AUTO);
+    cr_assert_not_null(nt_loop);
+    nq_queue_t *q = new_queue();
+    nq_handle_t h = reg(q, "due");
+    nq_port_t *p = new_port();
+    for (int i = 0; i < 3; i++)
+        cr_assert_eq(nq_port_wait(p, q, h, NQ_SEQ_NEXT, 0, nt_cb, NULL, NULL), 0);
+    nq_ev_t w;
+    cr_assert_eq(nq_ev_init(&w, p), 0);
+    cr_assert_eq(nq_ev_set_budget(&w, 1), 0);
+    cr_assert_eq(nq_ev_start(nt_loop, &w), 0);
+    ev_run(nt_loop, 0);
+    cr_assert_eq(nt_calls, 3);
+    cr_assert(nt_fired);
+    cr_log_info("a nested ev_run of 20 ms with two due timeouts left: %u iterations", nt_iters);
+    cr_assert_lt(nt_iters, 10, "the nested ev_run spun %u times in 20 ms", nt_iters);
+    cr_assert_eq(pstats(p).deadlines_expired, 3);
+    teardown(nt_loop, &w, p, q);
+    ev_loop_destroy(nt_loop);
+}

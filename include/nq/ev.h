@@ -53,19 +53,26 @@ NQ_EXTERN int nq_ev_init(nq_ev_t *w, nq_port_t *port);
 /* Like ev_io_start / ev_io_stop: start watching on loop (the io watcher, and
  * the timer whenever a wait has a deadline); stop. Starting a started watcher
  * or stopping a stopped one does nothing, as in libev; starting it on a
- * second loop while it runs on another is NQ_EBUSY. NQ_EINVAL for NULL or a
- * watcher never initialised, NQ_ECLOSED after nq_ev_close. */
+ * second loop while it runs on another is NQ_EBUSY, stopping it on a loop it
+ * does not run on NQ_EINVAL. Stopped inside one of its port callbacks, no
+ * more port callbacks run through w (that dispatch stops after the current
+ * one; the rest stays ready for the next nq_ev_start). NQ_EINVAL for NULL or
+ * a watcher never initialised, NQ_ECLOSED after nq_ev_close. As with libev's
+ * watchers, do not nq_ev_init a watcher while it is started (its memory is
+ * not read to find out); with the same port a second init is NQ_EBUSY. */
 NQ_EXTERN int nq_ev_start(struct ev_loop *loop, nq_ev_t *w);
 NQ_EXTERN int nq_ev_stop(struct ev_loop *loop, nq_ev_t *w);
 
 /* Stops w if it runs and detaches its port, which the caller still owns; no
- * port callback runs through w afterwards. May be called from inside a port
- * callback, which may then free w (as libev lets a callback free its own
- * stopped watcher). NQ_ECLOSED the second time. */
+ * port callback runs through w afterwards (nq_port_free still runs the
+ * callbacks of the port's waits, as nq.h says: those are the port's). May be
+ * called from inside a port callback, which may then free w (as libev lets a
+ * callback free its own stopped watcher). NQ_ECLOSED the second time. */
 NQ_EXTERN int nq_ev_close(nq_ev_t *w);
 
-/* At most budget callbacks per loop wakeup (0: all that were ready when the
- * dispatch began); the rest run in the next loop iteration. */
+/* At most budget callbacks per loop wakeup, due timeouts first (0: every
+ * due timeout and all that was ready when the dispatch began); the rest run
+ * in the next loop iteration. */
 NQ_EXTERN int nq_ev_set_budget(nq_ev_t *w, unsigned budget);
 
 /* 1 while started on a loop, 0 if not; NQ_EINVAL (NULL, never

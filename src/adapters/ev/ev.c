@@ -65,10 +65,16 @@ static void nq__ev_dispatch(nq_ev_t *w) {
      * may nq_ev_close w and free it. nq_ev_close says so through this flag
      * on our stack, and we touch w no more. */
     if (w->nq__closed != NULL) {
-        (void)nq_port_dispatch(w->nq__port, 0); /* NQ_EBUSY: clears the fd */
-        return; /* a nested ev_run inside a port callback: the dispatch
-                   running outside would refuse us (NQ_EBUSY) and we must
-                   not overwrite its flag */
+        /* A nested ev_run inside a port callback: the dispatch running
+         * outside refuses us (NQ_EBUSY), clearing the fd so the io watcher
+         * does not spin, and we must not overwrite its flag. The timer may
+         * be armed for a deadline already due (a budget cut the expiry
+         * short): stop it, or it fires every microsecond for as long as
+         * the nested loop runs; the outer dispatch re-arms it. */
+        (void)nq_port_dispatch(w->nq__port, 0);
+        if (w->nq__loop != NULL)
+            nq__ev_timer_stop(w);
+        return;
     }
     int closed = 0;
     w->nq__closed = &closed;
@@ -148,6 +154,14 @@ int nq_ev_stop(struct ev_loop *loop, nq_ev_t *w) {
     ev_io_stop(loop, &w->nq__io);
     nq__ev_timer_stop(w);
     w->nq__loop = NULL;
+    /* Inside one of our port callbacks: like a stopped libev watcher, no
+     * more callbacks through w. A detach inside a callback stops the running
+     * dispatch after it (what is left stays ready for the next start);
+     * attaching again at once keeps the port w's. */
+    if (w->nq__closed != NULL) {
+        (void)nq_port_detach(w->nq__port, w);
+        (void)nq_port_attach(w->nq__port, w);
+    }
     return 0;
 }
 
