@@ -43,12 +43,16 @@ NQ_EXTERN int nq_epoll_add(int epfd, nq_port_t *port, uint64_t tag);
 /* Removes the port's fd from epfd and detaches the port. NQ_EINVAL for NULL
  * or a negative epfd, NQ_ECLOSED if the port is not in an epoll set (never
  * added, or removed already), NQ_ESYS if epoll_ctl fails (errno kept; ENOENT:
- * the port was added to another epoll set; it stays attached). */
+ * the port was added to another epoll set; it stays attached). Called inside
+ * a port callback, that dispatch stops after it. The dispatching is your
+ * loop's: once the port is deleted, stop calling nq_port_dispatch for it
+ * (the loop above would still do so when a deadline is due). */
 NQ_EXTERN int nq_epoll_del(int epfd, nq_port_t *port);
 
 /* The timeout to pass to epoll_wait: the smaller of loop_timeout_ms (yours;
  * -1 = none) and the port's next deadline (nq_port_timeout_ms), as an int.
- * -1 if neither has one. NQ_EINVAL for a NULL port. */
+ * -1 if neither has one. NQ_EINVAL for a NULL port: a negative number that
+ * epoll_wait would read as "forever", so a loop that may pass NULL checks. */
 NQ_EXTERN int nq_epoll_timeout(const nq_port_t *port, int loop_timeout_ms);
 
 #ifdef __cplusplus
