@@ -202,7 +202,7 @@ static int nq__chunk_new(nq_queue_t *q, uint32_t c) {
 }
 
 /* Locks the slot of a live handle h; NULL with *err = NQ_EBADH otherwise. */
-nq__hslot_t *nq__slot_lock(nq_queue_t *q, nq_handle_t h, int *err) {
+static inline nq__hslot_t *nq__slot_lock_as(nq_queue_t *q, nq_handle_t h, int *err, int polite) {
     uint32_t idx = NQ__H_INDEX(h);
     if (NQ__UNLIKELY(idx == 0 || idx > q->cfg.max_handles)) {
         *err = NQ_EBADH;
@@ -213,13 +213,20 @@ nq__hslot_t *nq__slot_lock(nq_queue_t *q, nq_handle_t h, int *err) {
         *err = NQ_EBADH;
         return NULL;
     }
-    nq__lock(&s->lock);
+    if (polite)
+        nq__lock_polite(&s->lock);
+    else
+        nq__lock(&s->lock);
     if (NQ__UNLIKELY(!s->live || s->gen != NQ__H_GEN(h))) {
         nq__unlock(&s->lock);
         *err = NQ_EBADH;
         return NULL;
     }
     return s;
+}
+
+nq__hslot_t *nq__slot_lock(nq_queue_t *q, nq_handle_t h, int *err) {
+    return nq__slot_lock_as(q, h, err, 0);
 }
 
 /* Test hook: generations wrap within `bits` bits (1..32), so a test can
@@ -338,7 +345,8 @@ int nq_notify(nq_queue_t *q, nq_handle_t h, int64_t arg) {
     if (NQ__UNLIKELY(q == NULL))
         return NQ_EINVAL;
     int err;
-    nq__hslot_t *s = nq__slot_lock(q, h, &err);
+    /* Polite: a consumer waiting for this slot gets the next turn. */
+    nq__hslot_t *s = nq__slot_lock_as(q, h, &err, 1);
     if (NQ__UNLIKELY(s == NULL))
         return err;
 

@@ -180,7 +180,7 @@ int nq_subscribe(nq_queue_t *q, nq_handle_t h, const nq_sub_opts_t *opts, nq_sub
  * push made s non-empty and a waker call is owed (counted in inflight). */
 int nq__sub_push_locked(nq_sub_t *s, int64_t arg, nq_sub_t **wake) {
     int stored = 1;
-    nq__lock(&s->lock);
+    nq__lock_polite(&s->lock); /* a receiver waiting gets the next turn */
     uint32_t was = s->count;
     if (was < s->capacity) {
         uint32_t i = s->head + was;

@@ -16,9 +16,13 @@
  *             waits never wake spuriously, so a lost wake-up cannot hide
  *             behind one; timed waits (the evq's nap) may time out.
  *   nq__park  src/core/park.h, step by step (P, L, R and the xchg).
- *   nq__lock  src/core/lock.h: xchg(acquire) to take, store(release) to
- *             drop; its spin (relaxed loads, cpu_relax, sched_yield) is one
- *             rl::yield per turn, so the scheduler runs the holder.
+ *   nq__lock  src/core/lock.h: a compare-exchange (acquire) to take, a
+ *             load and a store (release) to drop, the WANTED request of a
+ *             waiting consumer (relaxed fetch_or) that producers
+ *             (take_polite) defer to; its spin (relaxed loads, cpu_relax,
+ *             sched_yield) is one rl::yield per turn, so the scheduler runs
+ *             the holder. The model asks at its first wait (the C code
+ *             after a while), so the request's interleavings are explored.
  */
 #ifndef NQ_MODELS_MODEL_H
 #define NQ_MODELS_MODEL_H
@@ -110,17 +114,49 @@ struct park {
 /* --- src/core/lock.h ------------------------------------------------------- */
 
 struct lock {
+    enum { HELD = 1, WANTED = 2 };
+    /* Deliberately broken variants, for tests/models/lock.cpp only. */
+    enum { OK = 0, BROKEN_DROP_RELAXED, BROKEN_TAKE_BY_STORE };
+    int broken;
     rl::atomic<unsigned> held;
-    lock() { held($).store(0, rl::mo_relaxed); }
+    lock() : broken(OK) { held($).store(0, rl::mo_relaxed); }
+    /* nq__lock: for everything but the notify path */
     void take() {
+        unsigned v = 0;
+        if (held($).compare_exchange_strong(v, HELD, rl::mo_acquire, rl::mo_relaxed))
+            return;
         for (;;) {
-            if (!held($).exchange(1, rl::mo_acquire))
+            v = held($).load(rl::mo_relaxed);
+            if (!(v & HELD)) {
+                if (broken == BROKEN_TAKE_BY_STORE) { /* not atomic with the load */
+                    held($).store(HELD, rl::mo_relaxed);
+                    rl::atomic_thread_fence(rl::mo_acquire, $);
+                    return;
+                }
+                if (held($).compare_exchange_strong(v, HELD, rl::mo_acquire, rl::mo_relaxed))
+                    return;
+                continue;
+            }
+            if (!(v & WANTED))
+                held($).fetch_or(WANTED, rl::mo_relaxed);
+            rl::yield(1, $);
+        }
+    }
+    /* nq__lock_polite: the notify path, never while a request stands */
+    void take_polite() {
+        for (;;) {
+            unsigned v = 0;
+            if (held($).compare_exchange_strong(v, HELD, rl::mo_acquire, rl::mo_relaxed))
                 return;
-            while (held($).load(rl::mo_relaxed))
+            while (held($).load(rl::mo_relaxed) != 0)
                 rl::yield(1, $);
         }
     }
-    void drop() { held($).store(0, rl::mo_release); }
+    void drop() {
+        unsigned v = held($).load(rl::mo_relaxed);
+        held($).store(v & ~(unsigned)HELD,
+                      broken == BROKEN_DROP_RELAXED ? rl::mo_relaxed : rl::mo_release);
+    }
 };
 
 /* --- running the checks ---------------------------------------------------- */

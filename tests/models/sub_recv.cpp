@@ -61,7 +61,7 @@ struct sub_test : rl::test_suite<sub_test<V>, 2> {
     /* nq__sub_push_locked, NQ_DROP_NEWEST; returns whether a waker is owed */
     bool push(long arg) {
         bool wake = false;
-        lk.take();
+        lk.take_polite();
         unsigned was = count($);
         if (was < CAP) {
             unsigned i = head($) + was;

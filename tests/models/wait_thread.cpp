@@ -71,7 +71,7 @@ struct wait_test : rl::test_suite<wait_test<V>, 2> {
 
     /* nq_notify */
     void notify(long a) {
-        slot.take();
+        slot.take_polite();
         last_arg($) = a;
         seq($).store(seq($).load(rl::mo_relaxed) + 1, rl::mo_relaxed);
         wait_obj *w = waiters($), *done = NULL;
