@@ -119,7 +119,7 @@ static void flood_done(struct bb_flood *f) {
     e->quit = 1;
 }
 
-static void run_flood(unsigned budget) {
+static void run_flood(unsigned budget, int nap_us) {
     struct eloop e;
     struct bb_flood f;
     nq_port_t *port;
@@ -128,6 +128,7 @@ static void run_flood(unsigned budget) {
     eloop_init(&e, port, budget);
     f.user = &e;
     f.on_done = flood_done;
+    f.nap_us = nap_us;
     int64_t t0 = now_ns();
     bb_flood_start_producers(&f);
     int rc = eloop_run(&e, -1);
@@ -137,7 +138,8 @@ static void run_flood(unsigned budget) {
     char what[64];
     snprintf(what, sizeof(what), "epoll flood (budget %u)", budget);
     bb_flood_assert_exact(&f, what);
-    cr_log_info("%s: %.1f ms, %ld loop iterations", what, (t1 - t0) / 1e6, e.iterations);
+    BB_FIG("%s: producers nap %d us every 4 notifies, %.1f ms, %ld loop iterations", what,
+           nap_us, (t1 - t0) / 1e6, e.iterations);
     cr_assert_null(nq_port_owner(port));
     bb_flood_free_port(&f);
     nq_queue_free(f.q);
@@ -145,11 +147,11 @@ static void run_flood(unsigned budget) {
 }
 
 Test(bb_epoll, flood_100k_from_4_threads, .timeout = 120) {
-    run_flood(256);
+    run_flood(256, 0);
 }
 
-Test(bb_epoll, flood_100k_small_budget, .timeout = 120) {
-    run_flood(16);
+Test(bb_epoll, flood_100k_small_budget_napping_producers, .timeout = 120) {
+    run_flood(16, 20);
 }
 
 /* ---- timeouts within [timeout, timeout + 20 ms] ---- */
@@ -159,11 +161,6 @@ struct tctx {
     int tfd, busy;
     long busy_ticks;
 };
-
-static void tw_on_fire(struct bb_tw_set *s, struct bb_tw *w) {
-    if (strcmp(w->name, "t15") == 0)
-        bb_tw_start(s, "in_cb10", 10); /* due ~25 ms: earlier than 40, 60, 150 */
-}
 
 static void tw_on_all(struct bb_tw_set *s) {
     struct tctx *t = s->user;
@@ -177,7 +174,7 @@ static void tw_event(struct eloop *e, uint64_t tag) {
     struct tctx *t = e->user;
     if (tag == TAG_TIMER) {
         drain_fd(t->tfd);
-        bb_tw_start(&t->s, "loop3", 3); /* from the loop at ~5 ms: due ~8, before t15 */
+        bb_tw_start(&t->s, "loop3", 3); /* from the loop, between dispatches */
     } else if (tag == TAG_BUSY) {
         t->busy_ticks += (long)drain_fd(t->busy);
     }
@@ -190,18 +187,14 @@ static int timeouts_round(int busy, int round) {
     cr_assert_eq(nq_port_new(&port), 0);
     bb_tw_init(&t.s, port);
     t.s.user = &t;
-    t.s.on_fire = tw_on_fire;
+    t.s.on_fire = bb_tw_on_fire_std;
     t.s.on_all = tw_on_all;
-    bb_tw_start(&t.s, "pre40", 40); /* before nq_epoll_add */
+    bb_tw_start(&t.s, "pre50", 50); /* before nq_epoll_add */
     eloop_init(&t.e, port, 64);
     t.e.user = &t;
     t.e.on_event = tw_event;
-    bb_tw_start(&t.s, "t0", 0);
-    bb_tw_start(&t.s, "t1", 1);
-    bb_tw_start(&t.s, "t15", 15);
-    bb_tw_start(&t.s, "t60", 60);
-    bb_tw_start(&t.s, "t150", 150);
-    t.tfd = timerfd_ms(5, 0);
+    bb_tw_start_std(&t.s);
+    t.tfd = timerfd_ms(BB_TW_LOOP_TIMER_MS, 0);
     add_fd(&t.e, t.tfd, TAG_TIMER);
     t.busy = -1;
     if (busy) { /* another fd fires every 1 ms: epoll_wait rarely times out */
@@ -217,7 +210,7 @@ static int timeouts_round(int busy, int round) {
     snprintf(what, sizeof(what), "epoll timeouts%s", busy ? " (a 1 ms timerfd in the set)" : "");
     int late = bb_tw_check(&t.s, what, round);
     if (busy)
-        cr_log_info("%s: the busy timerfd fired %ld times, %ld loop iterations", what,
+        BB_FIG("%s: the busy timerfd fired %ld times, %ld loop iterations", what,
                     t.busy_ticks, t.e.iterations);
     nq_port_free(port);
     bb_tw_free(&t.s);
@@ -344,7 +337,7 @@ static void run_del(int how) {
     cr_assert_eq(c->f.sub_cbs_in_free, 0, "subscription callbacks inside nq_port_free");
     if (how == DEL_BEFORE_RUN)
         cr_assert_eq(cbs_at_del, 0);
-    cr_log_info("epoll del %s: %ld callbacks before del, %lld notifies in all; 0 callbacks "
+    BB_FIG("epoll del %s: %ld callbacks before del, %lld notifies in all; 0 callbacks "
                 "after, the fd never fired in the set again (30 ms); nq_port_free ran %ld wait "
                 "callbacks with NQ_ECANCELED and %ld with a result",
                 names[how], cbs_at_del, sent, c->f.cancelled_in_free, c->f.completed_in_free);
@@ -523,7 +516,7 @@ static int fairness_round(int round, int paced) {
     int ok = x->ticks >= want && x->max_gap <= 100 * 1000000LL &&
              x->ticks_pending >= x->ticks / 2 && x->cbs_at_end >= 100 &&
              x->sock_reads >= x->ticks - 1;
-    cr_log_info("epoll fairness (%s producers) round %d: %lld notifies in %d ms, %ld port "
+    BB_FIG("epoll fairness (%s producers) round %d: %lld notifies in %d ms, %ld port "
                 "callbacks (<= %ld per dispatch, budget %d); 5 ms timerfd served %d times (want "
                 ">= %d), %d of them with port work pending, longest gap %.1f ms; socket served "
                 "%d bytes%s",

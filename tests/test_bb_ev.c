@@ -74,7 +74,7 @@ static void flood_done(struct bb_flood *f) {
     stop_and_close(f->user, 1); /* inside a port callback; frees the watcher */
 }
 
-static void run_flood(int which, unsigned budget) {
+static void run_flood(int which, unsigned budget, int nap_us) {
     struct ev_loop *l = make_loop(which);
     struct evctx c;
     struct bb_flood f;
@@ -84,6 +84,7 @@ static void run_flood(int which, unsigned budget) {
     bb_flood_init(&f, port, BB_TOTAL / BB_NH, 1);
     f.user = &c;
     f.on_done = flood_done;
+    f.nap_us = nap_us;
     c.f = &f;
     c.w = malloc(sizeof(nq_ev_t));
     cr_assert_not_null(c.w);
@@ -102,8 +103,8 @@ static void run_flood(int which, unsigned budget) {
     char what[64];
     snprintf(what, sizeof(what), "ev flood (%s)", loop_names[which]);
     bb_flood_assert_exact(&f, what);
-    cr_log_info("%s: budget %u, %.1f ms", what, budget ? budget : NQ_EV_DEFAULT_BUDGET,
-                (t1 - t0) / 1e6);
+    BB_FIG("%s: budget %u, producers nap %d us every 4 notifies, %.1f ms", what,
+           budget ? budget : NQ_EV_DEFAULT_BUDGET, nap_us, (t1 - t0) / 1e6);
     cr_assert_null(nq_port_owner(port));
     bb_flood_free_port(&f);
     nq_queue_free(f.q);
@@ -111,11 +112,11 @@ static void run_flood(int which, unsigned budget) {
 }
 
 Test(bb_ev, flood_100k_default_loop, .timeout = 120) {
-    run_flood(DEFLOOP, 0);
+    run_flood(DEFLOOP, 0, 0);
 }
 
-Test(bb_ev, flood_100k_loop_new_small_budget, .timeout = 120) {
-    run_flood(NEWLOOP, 16);
+Test(bb_ev, flood_100k_loop_new_small_budget_napping_producers, .timeout = 120) {
+    run_flood(NEWLOOP, 16, 20);
 }
 
 /* ---- timeouts within [timeout, timeout + 20 ms] ---- */
@@ -123,11 +124,6 @@ struct tctx {
     struct evctx c;
     struct bb_tw_set s;
 };
-
-static void tw_on_fire(struct bb_tw_set *s, struct bb_tw *w) {
-    if (strcmp(w->name, "t15") == 0)
-        bb_tw_start(s, "in_cb10", 10); /* due ~25 ms: earlier than 40, 60, 150 */
-}
 
 static void tw_on_all(struct bb_tw_set *s) {
     struct tctx *t = s->user;
@@ -139,7 +135,7 @@ static void tw_loop_timer(struct ev_loop *l, ev_timer *tm, int revents) {
     (void)l;
     (void)revents;
     struct tctx *t = tm->data;
-    bb_tw_start(&t->s, "loop3", 3); /* from a loop callback at ~5 ms: due ~8, before t15 */
+    bb_tw_start(&t->s, "loop3", 3); /* from a loop callback, outside any dispatch */
 }
 
 static int timeouts_round(int which, int round) {
@@ -151,19 +147,15 @@ static int timeouts_round(int which, int round) {
     cr_assert_eq(nq_port_new(&port), 0);
     bb_tw_init(&t.s, port);
     t.s.user = &t;
-    t.s.on_fire = tw_on_fire;
+    t.s.on_fire = bb_tw_on_fire_std;
     t.s.on_all = tw_on_all;
-    bb_tw_start(&t.s, "pre40", 40); /* before the watcher is attached or started */
+    bb_tw_start(&t.s, "pre50", 50); /* before the watcher is attached or started */
     t.c.w = &w;
     cr_assert_eq(nq_ev_init(&w, port), 0);
     cr_assert_eq(nq_ev_start(l, &w), 0);
-    bb_tw_start(&t.s, "t0", 0);
-    bb_tw_start(&t.s, "t1", 1);
-    bb_tw_start(&t.s, "t15", 15);
-    bb_tw_start(&t.s, "t60", 60);
-    bb_tw_start(&t.s, "t150", 150);
+    bb_tw_start_std(&t.s);
     ev_now_update(l);
-    ev_timer_init(&t.c.aux, tw_loop_timer, 0.005, 0.);
+    ev_timer_init(&t.c.aux, tw_loop_timer, BB_TW_LOOP_TIMER_MS / 1000., 0.);
     t.c.aux.data = &t;
     ev_timer_start(l, &t.c.aux);
     ev_timer_set(&t.c.watchdog, 5., 0.);
@@ -305,11 +297,11 @@ static void run_close(int which, int how) {
         cr_assert_gt(rs.cbs_at_stop1, 0, "no callback before the first stop");
         cr_assert_eq(rs.cbs_at_restart, rs.cbs_at_stop1, "callbacks while stopped");
         cr_assert_gt(rs.cbs_at_stop2, rs.cbs_at_restart, "no callback after the restart");
-        cr_log_info("ev %s: %ld callbacks before the stop, none while stopped, %ld after the "
+        BB_FIG("ev %s: %ld callbacks before the stop, none while stopped, %ld after the "
                     "restart",
                     loop_names[which], rs.cbs_at_stop1, rs.cbs_at_stop2 - rs.cbs_at_restart);
     }
-    cr_log_info("ev close (%s) %s: %ld callbacks before close, %lld notifies sent by then, "
+    BB_FIG("ev close (%s) %s: %ld callbacks before close, %lld notifies sent by then, "
                 "%lld in all; 0 callbacks after; nq_port_free ran %ld wait callbacks with "
                 "NQ_ECANCELED and %ld with a result",
                 loop_names[which], names[how], cbs_at_close, sent_at_close, sent,
@@ -459,7 +451,7 @@ static void run_habits(int which) {
         cr_assert_eq(r.status, NQ_ETIMEDOUT);
         cr_assert_geq(r.elapsed, 30 * 1000000LL, "early: %.3f ms", r.elapsed / 1e6);
         late = r.elapsed > (30 + BB_SLACK_MS) * 1000000LL;
-        cr_log_info("ev habits (%s) round %d: EVRUN_ONCE 30 ms timeout after %.2f ms (%d calls)",
+        BB_FIG("ev habits (%s) round %d: EVRUN_ONCE 30 ms timeout after %.2f ms (%d calls)",
                     loop_names[which], round, r.elapsed / 1e6, calls);
     }
     cr_assert_eq(late, 0);
@@ -572,7 +564,7 @@ static int fairness_round(int which, int round, int paced) {
     int want = FAIR_MS / 5 / 4;
     int ok = x->ticks >= want && x->max_gap <= 100 * 1000000LL &&
              x->ticks_pending >= x->ticks / 2 && x->cbs_at_end >= 100;
-    cr_log_info("ev fairness (%s, %s producers) round %d: %lld notifies in %d ms, %ld port "
+    BB_FIG("ev fairness (%s, %s producers) round %d: %lld notifies in %d ms, %ld port "
                 "callbacks (<= %ld per dispatch, budget %d); 5 ms timer fired %d times (want "
                 ">= %d), %d of them with port work pending, longest gap %.1f ms%s",
                 loop_names[which], paced ? "napping" : "unthrottled", round, sent, FAIR_MS,

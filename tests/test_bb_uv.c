@@ -84,7 +84,7 @@ static void flood_done(struct bb_flood *f) {
     uv_timer_stop(&c->watchdog);
 }
 
-static void run_flood(unsigned budget, int set_budget) {
+static void run_flood(unsigned budget, int set_budget, int nap_us) {
     struct uvctx c;
     struct bb_flood f;
     nq_port_t *port;
@@ -93,6 +93,7 @@ static void run_flood(unsigned budget, int set_budget) {
     bb_flood_init(&f, port, BB_TOTAL / BB_NH, 1);
     f.user = &c;
     f.on_done = flood_done;
+    f.nap_us = nap_us; /* producers that nap spread the 100k over the loop's run */
     c.f = &f;
     c.h = malloc(sizeof(nq_uv_t));
     cr_assert_not_null(c.h);
@@ -110,8 +111,8 @@ static void run_flood(unsigned budget, int set_budget) {
     cr_assert_eq(c.close_cbs, 1);
     free(c.h);
     bb_flood_assert_exact(&f, set_budget ? "uv flood (budget set)" : "uv flood");
-    cr_log_info("uv flood: budget %u, %.1f ms", set_budget ? budget : NQ_UV_DEFAULT_BUDGET,
-                (t1 - t0) / 1e6);
+    BB_FIG("uv flood: budget %u, producers nap %d us every 4 notifies, %.1f ms",
+           set_budget ? budget : NQ_UV_DEFAULT_BUDGET, nap_us, (t1 - t0) / 1e6);
     bb_flood_free_port(&f);
     cr_assert_eq(f.cancelled_in_free, 0);
     nq_queue_free(f.q);
@@ -119,11 +120,11 @@ static void run_flood(unsigned budget, int set_budget) {
 }
 
 Test(bb_uv, flood_100k_from_4_threads, .timeout = 120) {
-    run_flood(0, 0);
+    run_flood(0, 0, 0);
 }
 
-Test(bb_uv, flood_100k_small_budget, .timeout = 120) {
-    run_flood(16, 1);
+Test(bb_uv, flood_100k_small_budget_napping_producers, .timeout = 120) {
+    run_flood(16, 1, 20);
 }
 
 /* ---- timeouts within [timeout, timeout + 20 ms] ---- */
@@ -131,13 +132,6 @@ struct tctx {
     struct uvctx c;
     struct bb_tw_set s;
 };
-
-static void tw_on_fire(struct bb_tw_set *s, struct bb_tw *w) {
-    /* From inside a port callback at ~15 ms: a wait due at ~25 ms, earlier
-     * than every deadline still armed (40, 60, 150 ms). */
-    if (strcmp(w->name, "t15") == 0)
-        bb_tw_start(s, "in_cb10", 10);
-}
 
 static void tw_on_all(struct bb_tw_set *s) {
     struct tctx *t = s->user;
@@ -151,8 +145,7 @@ static void tw_on_all(struct bb_tw_set *s) {
 
 static void tw_loop_timer(uv_timer_t *tm) {
     struct tctx *t = tm->data;
-    /* From a loop callback (outside any dispatch) at ~5 ms: a wait due at
-     * ~8 ms, earlier than the armed deadline (t15). */
+    /* From a loop callback, outside any dispatch (see bb_tw_start_std). */
     bb_tw_start(&t->s, "loop3", 3);
 }
 
@@ -163,21 +156,17 @@ static int timeouts_round(int round) {
     cr_assert_eq(nq_port_new(&port), 0);
     bb_tw_init(&t.s, port);
     t.s.user = &t;
-    t.s.on_fire = tw_on_fire;
+    t.s.on_fire = bb_tw_on_fire_std;
     t.s.on_all = tw_on_all;
     /* Started before the adapter is attached. */
-    bb_tw_start(&t.s, "pre40", 40);
+    bb_tw_start(&t.s, "pre50", 50);
     nq_uv_t h;
     t.c.h = &h;
     cr_assert_eq(nq_uv_init(&t.c.loop, &h, port), 0);
     h.data = &t.c;
-    bb_tw_start(&t.s, "t0", 0);
-    bb_tw_start(&t.s, "t1", 1);
-    bb_tw_start(&t.s, "t15", 15);
-    bb_tw_start(&t.s, "t60", 60);
-    bb_tw_start(&t.s, "t150", 150);
+    bb_tw_start_std(&t.s);
     t.c.aux.data = &t;
-    uv_timer_start(&t.c.aux, tw_loop_timer, 5, 0);
+    uv_timer_start(&t.c.aux, tw_loop_timer, BB_TW_LOOP_TIMER_MS, 0);
     uv_timer_start(&t.c.watchdog, watchdog_cb, 5000, 0);
     uv_run(&t.c.loop, UV_RUN_DEFAULT);
     cr_assert_not(t.c.watchdog_fired, "waits missing after 5 s: %d of %d fired", t.s.fired, t.s.n);
@@ -276,7 +265,7 @@ static void run_close(int how) {
     cr_assert_eq(f.sub_cbs_in_free, 0, "subscription callbacks inside nq_port_free");
     if (how == CLOSE_BEFORE_RUN)
         cr_assert_eq(cbs_at_close, 0);
-    cr_log_info("uv close %s: %ld callbacks before close, %lld notifies sent by then, %lld "
+    BB_FIG("uv close %s: %ld callbacks before close, %lld notifies sent by then, %lld "
                 "in all; close_cb once; 0 callbacks after; nq_port_free ran %ld wait "
                 "callbacks with NQ_ECANCELED and %ld with a result",
                 names[how], cbs_at_close, sent_at_close, sent, f.cancelled_in_free,
@@ -442,7 +431,7 @@ Test(bb_uv, ref_unref_only_unreferenced_handle_exits, .timeout = 30) {
     cr_assert(r.tid_ok);
     cr_assert_geq(r.elapsed, 200 * 1000000LL);
     cr_assert_eq(r.c.close_cbs, 1);
-    cr_log_info("uv ref/unref: DEFAULT returned in %.2f ms (unref'd), %.2f ms (unref'd, a "
+    BB_FIG("uv ref/unref: DEFAULT returned in %.2f ms (unref'd), %.2f ms (unref'd, a "
                 "200 ms deadline pending); ref'd, it ran until the timeout at %.1f ms",
                 d1 / 1e6, d2 / 1e6, r.elapsed / 1e6);
     nq_port_free(port);
@@ -575,13 +564,13 @@ Test(bb_uv, run_once_and_nowait, .timeout = 30) {
         cr_assert_geq(r.elapsed, 25 * 1000000LL, "early: %.3f ms", r.elapsed / 1e6);
         nowait_to_ms = r.elapsed / 1e6;
         late |= r.elapsed > (25 + BB_SLACK_MS) * 1000000LL;
-        cr_log_info("uv run modes round %d: ONCE 30 ms timeout fired after %.2f ms (%d calls); "
+        BB_FIG("uv run modes round %d: ONCE 30 ms timeout fired after %.2f ms (%d calls); "
                     "NOWAIT 25 ms timeout after %.2f ms (%d calls)%s",
                     round, once_to_ms, once_calls, nowait_to_ms, nowait_calls,
                     late ? "  LATE, retried" : "");
     }
     cr_assert_eq(late, 0, "late in every round");
-    cr_log_info("uv run modes: ONCE returned %.2f ms after a notify from a thread at 10 ms",
+    BB_FIG("uv run modes: ONCE returned %.2f ms after a notify from a thread at 10 ms",
                 once_io_ms);
     cr_assert_eq(nq_uv_close(&h, on_closed), 0);
     uv_run(&r.c.loop, UV_RUN_DEFAULT);
@@ -700,7 +689,7 @@ static int fairness_round(int round, int paced) {
     int want = FAIR_MS / 5 / 4; /* a quarter of the ticks a free loop would get */
     int ok = x->ticks >= want && x->max_gap <= 100 * 1000000LL &&
              x->ticks_pending >= x->ticks / 2 && x->cbs_at_end >= 100;
-    cr_log_info("uv fairness (%s producers) round %d: %lld notifies in %d ms, %ld port callbacks (<= %ld per "
+    BB_FIG("uv fairness (%s producers) round %d: %lld notifies in %d ms, %ld port callbacks (<= %ld per "
                 "dispatch, budget %d); 5 ms timer fired %d times (want >= %d), %d of them with "
                 "port work pending, longest gap %.1f ms; loop thread CPU %.1f ms%s",
                 paced ? "napping" : "unthrottled", round, sent, FAIR_MS, x->cbs_at_end, x->max_per_dispatch, FAIR_BUDGET, x->ticks,
