@@ -549,4 +549,57 @@ static inline int bb_readable(int fd) {
     return poll(&p, 1, 0) == 1 && (p.revents & POLLIN);
 }
 
+/* ---- Packaging: the adapter's .pc and library, and a core that links no
+ * loop. Reads the build tree ($top_builddir, set by make check). */
+static inline int bb_file_has(const char *path, const char *prefix, const char *word) {
+    FILE *f = fopen(path, "r");
+    char line[512];
+    int found = 0;
+    if (f == NULL)
+        return -1;
+    while (fgets(line, sizeof(line), f) != NULL)
+        if (strncmp(line, prefix, strlen(prefix)) == 0 && strstr(line, word) != NULL)
+            found = 1;
+    fclose(f);
+    return found;
+}
+
+/* pc: "nq-uv"; requires / libs: words that must be on those lines (NULL
+ * ends each list); lib: "libnq-uv.so". */
+static inline void bb_check_packaging(const char *pc, const char *const *requires,
+                                      const char *const *libs, const char *lib) {
+    const char *top = getenv("top_builddir");
+    if (top == NULL)
+        cr_skip_test("top_builddir is not set (run through make check)");
+    char path[1024], cmd[1200];
+    snprintf(path, sizeof(path), "%s/%s.pc", top, pc);
+    for (int i = 0; requires[i] != NULL; i++)
+        cr_assert_eq(bb_file_has(path, "Requires:", requires[i]), 1,
+                     "%s: no \"%s\" on its Requires: line", path, requires[i]);
+    for (int i = 0; libs[i] != NULL; i++)
+        cr_assert_eq(bb_file_has(path, "Libs:", libs[i]), 1, "%s: no \"%s\" on its Libs: line",
+                     path, libs[i]);
+    snprintf(path, sizeof(path), "%s/.libs/%s", top, lib);
+    cr_assert_eq(access(path, R_OK), 0, "%s is not built", path);
+    /* The core library never links a loop. */
+    snprintf(cmd, sizeof(cmd), "readelf -d '%s/.libs/libnq.so' 2>/dev/null", top);
+    FILE *p = popen(cmd, "r");
+    cr_assert_not_null(p);
+    char line[512];
+    int needed = 0, loops = 0;
+    while (fgets(line, sizeof(line), p) != NULL)
+        if (strstr(line, "(NEEDED)") != NULL) {
+            needed++;
+            if (strstr(line, "libuv") != NULL || strstr(line, "libev") != NULL)
+                loops++;
+        }
+    pclose(p);
+    if (needed == 0)
+        cr_skip_test("readelf found no NEEDED entries in libnq.so (no readelf?)");
+    cr_assert_eq(loops, 0, "libnq.so links a loop library");
+    BB_FIG("packaging: %s.pc and %s in the build tree; libnq.so has %d NEEDED entries, no loop "
+           "library among them",
+           pc, lib, needed);
+}
+
 #endif

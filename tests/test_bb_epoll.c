@@ -556,3 +556,10 @@ Test(bb_epoll, fairness_unthrottled_producers, .timeout = 60) {
         if (fairness_round(r, 0))
             return;
 }
+
+/* libnq-epoll, nq-epoll.pc. */
+Test(bb_epoll, packaging, .timeout = 30) {
+    static const char *const req[] = {"nq", NULL};
+    static const char *const libs[] = {"-lnq-epoll", NULL};
+    bb_check_packaging("nq-epoll", req, libs, "libnq-epoll.so");
+}

@@ -608,3 +608,10 @@ Test(bb_ev, fairness_unthrottled_producers, .timeout = 60) {
         if (fairness_round(NEWLOOP, r, 0))
             return;
 }
+
+/* libnq-ev, nq-ev.pc; libnq never links libev. */
+Test(bb_ev, packaging, .timeout = 30) {
+    static const char *const req[] = {"nq", NULL};
+    static const char *const libs[] = {"-lnq-ev", NULL};
+    bb_check_packaging("nq-ev", req, libs, "libnq-ev.so");
+}

@@ -725,3 +725,11 @@ Test(bb_uv, fairness_unthrottled_producers, .timeout = 60) {
         if (fairness_round(r, 0))
             return;
 }
+
+/* Installed as libnq-uv with nq-uv.pc (Requires: nq libuv); libnq never
+ * links libuv. */
+Test(bb_uv, packaging, .timeout = 30) {
+    static const char *const req[] = {"nq", "libuv", NULL};
+    static const char *const libs[] = {"-lnq-uv", NULL};
+    bb_check_packaging("nq-uv", req, libs, "libnq-uv.so");
+}
