@@ -70,6 +70,10 @@ typedef struct fwait {
      * among equal deadlines decides): check_all settles it from
      * nq_port_stats once the count allows. */
     int maybe_heap;
+    /* Timeout 0, started in a ready callback of the dispatch running now:
+     * after that dispatch's expiry, so it stays in the heap, due, and its
+     * deadline must keep the fd readable when the dispatch ends. */
+    int fresh;
 } fwait_t;
 
 typedef struct fsub {
@@ -1082,6 +1086,10 @@ static void op_dispatch(void) {
         fwait_t *f = &M.w[i];
         if (f->kind != WK_PORT || !f->timeout0)
             continue;
+        if (f->fresh) { /* made after this dispatch's expiry: still there */
+            f->fresh = 0;
+            continue;
+        }
         if (!cut) {
             if (f->in_heap)
                 CHECK(!f->listed);
@@ -1099,6 +1107,12 @@ static void op_dispatch(void) {
         struct pollfd pfd = {nq_port_fd(M.p), POLLIN, 0};
         CHECK(poll(&pfd, 1, 0) == 1 && (pfd.revents & POLLIN));
     }
+    /* Nothing queued and nothing due: the fd is quiet (were it readable, a
+     * level-triggered loop would spin). Deadlines not due do not count. */
+    if (due_left == 0 && !cut && M.flen == 0) {
+        struct pollfd pfd = {nq_port_fd(M.p), POLLIN, 0};
+        CHECK(poll(&pfd, 1, 0) == 0);
+    }
     EXPECT_RC(rc, M.ran);
 }
 
@@ -1115,8 +1129,12 @@ static void op_port_wait(void) {
     memset(f, 0, sizeof(*f));
     f->kind = WK_PORT;
     f->cb_mode = (int)rd(4);
-    if (M.in_cb && tc == 1)
-        tc = 2; /* a deadline set inside a callback may fall after the expiry's clock */
+    /* A deadline set inside a timeout callback may or may not fall after
+     * the expiry's clock; one set in a ready callback comes after the
+     * expiry: due when the dispatch ends, expired in the next one. */
+    int fresh = M.in_cb && tc == 1 && M.in_dispatch && M.batch_taken;
+    if (M.in_cb && tc == 1 && !fresh)
+        tc = 2;
     int64_t timeout = tc == 0 ? -1 : tc == 1 ? 0 : BIG_TIMEOUT_MS;
     int want, due = 0, tok = -1;
     if (M.p == NULL) {
@@ -1162,6 +1180,7 @@ static void op_port_wait(void) {
     } else if (timeout >= 0) {
         f->in_heap = 1;
         f->timeout0 = timeout == 0;
+        f->fresh = fresh;
     }
 }
 
