@@ -24,8 +24,9 @@
  * kernel's lock (seq_cst read-modify-writes here); the loop sleeps in the
  * model futex until it is non-zero (level-triggered, like epoll on it).
  * Left out: the pre-idle spin (it only delays the idle path: port.c says
- * so), deadlines, nested dispatch (efd_cleared), stale tokens and the item
- * table (each token here names one item, run once).
+ * so), nested dispatch (efd_cleared), stale tokens and the item table (each
+ * token here names one item, run once). Deadlines: only in the DUE cases
+ * below, as a count the loop thread owns.
  *
  * Two wakers signal one token each; the loop thread waits for the fd and
  * dispatches until both tokens ran. Checked:
@@ -35,6 +36,17 @@
  *   I3  efd writes <= dispatches + 1.
  * Each case runs with budget 0 (all queued at entry) and budget 1 (one
  * token per dispatch: the "work left" return).
+ *
+ * DUE cases: token 0's callback starts a wait with timeout 0 (port.c: "or a
+ * callback started a wait with timeout 0"), so the deadline is due when that
+ * dispatch ends, with the evq possibly empty; dispatch times out due waits
+ * first, within the budget, and a deadline due at its end is work left. The
+ * loop here has no timer: it sleeps on the fd alone, so the fd must come
+ * back readable for the deadline (a loop whose I/O watcher brings the next
+ * dispatch) and the loop runs until the tokens ran and nothing is due.
+ *   due ignored  the "work left" test without the due deadline (the code
+ *               before 9b0055a): the idle path reads the fd and the loop
+ *               sleeps with the deadline due.
  *
  * Broken variants, each must be caught:
  *   P release   dispatch's store of 0 to signalled (P) weakened to release:
@@ -47,10 +59,10 @@
 
 using namespace nqm;
 
-enum { CORRECT, BROKEN_P, BROKEN_S };
+enum { CORRECT, BROKEN_P, BROKEN_S, BROKEN_DUE };
 
-template <int V, unsigned BUDGET>
-struct port_test : rl::test_suite<port_test<V, BUDGET>, 3> {
+template <int V, unsigned BUDGET, bool DUE = false>
+struct port_test : rl::test_suite<port_test<V, BUDGET, DUE>, 3> {
     evq<2> *q;
     rl::atomic<int> signalled;
     rl::atomic<unsigned> efd; /* the eventfd's counter */
@@ -59,6 +71,7 @@ struct port_test : rl::test_suite<port_test<V, BUDGET>, 3> {
     rl::atomic<unsigned> writes;
     unsigned dispatches;      /* the loop thread's */
     unsigned ran;             /* the loop thread's: bit per token run */
+    unsigned due;             /* the loop thread's: waits whose deadline is due */
 
     void before() {
         q = new evq<2>(evq_orders_c(V != BROKEN_S));
@@ -68,6 +81,7 @@ struct port_test : rl::test_suite<port_test<V, BUDGET>, 3> {
         reopen = V == BROKEN_P ? rl::mo_release : rl::mo_seq_cst;
         dispatches = 0;
         ran = 0;
+        due = 0;
     }
     void after() {
         /* I1: every waker is done, so a 1 in signalled has had its write. */
@@ -102,8 +116,11 @@ struct port_test : rl::test_suite<port_test<V, BUDGET>, 3> {
             if (n == 0)
                 break;
             limit -= n;
-            for (unsigned i = 0; i < n; i++)
+            for (unsigned i = 0; i < n; i++) {
                 ran |= 1u << toks[i]; /* nq__port_run */
+                if (DUE && toks[i] == 0)
+                    due++; /* nq_port_wait(..., 0 ms, ...) in the callback */
+            }
         }
     }
 
@@ -111,10 +128,16 @@ struct port_test : rl::test_suite<port_test<V, BUDGET>, 3> {
     void dispatch() {
         dispatches++;
         u64 limit = q->pending_count();
-        if (BUDGET != 0 && BUDGET < limit)
-            limit = BUDGET;
+        unsigned expired = 0; /* nq__port_expire(p, budget) */
+        while (due > 0 && (BUDGET == 0 || expired < BUDGET)) {
+            due--;
+            expired++;
+        }
+        u64 room = BUDGET == 0 ? ~(u64)0 : BUDGET - expired;
+        if (room < limit)
+            limit = room;
         run_batch(limit);
-        if (q->head_ready()) { /* work left */
+        if (q->head_ready() || (V != BROKEN_DUE && due > 0)) { /* work left (nq__port_due) */
             if (signalled($).load(rl::mo_seq_cst) == 0 &&
                 signalled($).exchange(1, rl::mo_seq_cst) == 0)
                 efd_write();
@@ -136,7 +159,7 @@ struct port_test : rl::test_suite<port_test<V, BUDGET>, 3> {
             kick();
             return;
         }
-        while (ran != 3) {
+        while (ran != 3 || due > 0) {
             while (efd($).load(rl::mo_seq_cst) == 0) /* the loop's poll */
                 futex_wait(efd, 0, false);
             dispatch();
@@ -144,17 +167,17 @@ struct port_test : rl::test_suite<port_test<V, BUDGET>, 3> {
     }
 };
 
-template <int V>
+template <int V, bool DUE = false>
 static void cases(report &rep, const char *what, unsigned b, bool broken) {
     expect e = broken ? MUST_FAIL : MUST_PASS, r = broken ? MAY_FAIL : MUST_PASS;
     const char *m = "port_idle";
     char w[96];
     std::snprintf(w, sizeof(w), "%s, budget 0", what);
-    check<port_test<V, 0> >(rep, m, w, rl::fair_context_bound_scheduler_type, 0, b, e);
-    check<port_test<V, 0> >(rep, m, w, rl::random_scheduler_type, scaled(100000), 0, r);
+    check<port_test<V, 0, DUE> >(rep, m, w, rl::fair_context_bound_scheduler_type, 0, b, e);
+    check<port_test<V, 0, DUE> >(rep, m, w, rl::random_scheduler_type, scaled(100000), 0, r);
     std::snprintf(w, sizeof(w), "%s, budget 1", what);
-    check<port_test<V, 1> >(rep, m, w, rl::fair_context_bound_scheduler_type, 0, b, e);
-    check<port_test<V, 1> >(rep, m, w, rl::random_scheduler_type, scaled(100000), 0, r);
+    check<port_test<V, 1, DUE> >(rep, m, w, rl::fair_context_bound_scheduler_type, 0, b, e);
+    check<port_test<V, 1, DUE> >(rep, m, w, rl::random_scheduler_type, scaled(100000), 0, r);
 }
 
 int main() {
@@ -163,5 +186,7 @@ int main() {
     cases<CORRECT>(rep, "correct", b, false);
     cases<BROKEN_P>(rep, "broken (P release)", b, true);
     cases<BROKEN_S>(rep, "broken (S release)", b, true);
+    cases<CORRECT, true>(rep, "correct, a callback makes a deadline due", b, false);
+    cases<BROKEN_DUE, true>(rep, "broken (due ignored)", b, true);
     return finish(rep, "port_idle");
 }
