@@ -336,8 +336,8 @@ NQ_EXTERN int nq_port_fd(const nq_port_t *p);
  * due, then ready ones, oldest first, up to what was ready when it began
  * (budget 0: every due timeout and all that was ready). Returns how many
  * callbacks ran. Ready work left over keeps the fd readable; due timeouts
- * left over make nq_port_timeout_ms() 0, so the loop's timer brings the
- * next dispatch. (A wait both notified and due gets one callback, from
+ * left over make nq_port_timeout_ms() 0 and keep the fd readable too, so the
+ * loop comes back at once. (A wait both notified and due gets one callback, from
  * whichever completed it first.) Before it would go idle with budget to
  * spare, it watches for a few microseconds and runs one more round of what
  * arrived (still within the budget): a producer in

@@ -30,7 +30,7 @@ extern "C" {
 
 typedef struct nq_ev nq_ev_t;
 
-/* Callbacks per loop wakeup unless nq_ev_set_budget says otherwise. */
+/* Callbacks per dispatch unless nq_ev_set_budget says otherwise. */
 #define NQ_EV_DEFAULT_BUDGET 1024u
 
 struct nq_ev {
@@ -56,7 +56,8 @@ NQ_EXTERN int nq_ev_init(nq_ev_t *w, nq_port_t *port);
  * second loop while it runs on another is NQ_EBUSY, stopping it on a loop it
  * does not run on NQ_EINVAL. Stopped inside one of its port callbacks, no
  * more port callbacks run through w (that dispatch stops after the current
- * one; the rest stays ready for the next nq_ev_start). NQ_EINVAL for NULL or
+ * one; the rest stays ready for the next nq_ev_start, in a later loop
+ * iteration even when started again in the same callback). NQ_EINVAL for NULL or
  * a watcher never initialised, NQ_ECLOSED after nq_ev_close. As with libev's
  * watchers, do not nq_ev_init a watcher while it is started (its memory is
  * not read to find out); with the same port a second init is NQ_EBUSY. */
@@ -70,9 +71,10 @@ NQ_EXTERN int nq_ev_stop(struct ev_loop *loop, nq_ev_t *w);
  * callback free its own stopped watcher). NQ_ECLOSED the second time. */
 NQ_EXTERN int nq_ev_close(nq_ev_t *w);
 
-/* At most budget callbacks per loop wakeup, due timeouts first (0: every
- * due timeout and all that was ready when the dispatch began); the rest run
- * in the next loop iteration. */
+/* At most budget callbacks per nq_port_dispatch, due timeouts first (0:
+ * every due timeout and all that was ready when the dispatch began); the
+ * rest run in the next loop iteration. One iteration may dispatch twice,
+ * when the io watcher and the timer are both due in it. */
 NQ_EXTERN int nq_ev_set_budget(nq_ev_t *w, unsigned budget);
 
 /* 1 while started on a loop, 0 if not; NQ_EINVAL (NULL, never

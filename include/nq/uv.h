@@ -81,10 +81,11 @@ NQ_EXTERN int nq_uv_ref(nq_uv_t *h);
 NQ_EXTERN int nq_uv_unref(nq_uv_t *h);
 NQ_EXTERN int nq_uv_has_ref(const nq_uv_t *h);
 
-/* Callbacks per loop wakeup: at most budget per nq_port_dispatch, due
- * timeouts first (0: every due timeout and all that was ready when it
- * began); what is left runs in the next loop iteration, after the loop's
- * other ready work. Default NQ_UV_DEFAULT_BUDGET. */
+/* At most budget callbacks per nq_port_dispatch, due timeouts first (0:
+ * every due timeout and all that was ready when it began); what is left
+ * runs in the next loop iteration, after the loop's other ready work. One
+ * iteration may dispatch twice, when the poll watcher and the timer both
+ * fire in it. Default NQ_UV_DEFAULT_BUDGET. */
 NQ_EXTERN int nq_uv_set_budget(nq_uv_t *h, unsigned budget);
 
 #ifdef __cplusplus

@@ -535,8 +535,8 @@ static int nq__port_run(nq_port_t *p, uint32_t token) {
 }
 
 /* Times out due waits, at most limit callbacks (0: every due one). What is
- * left stays due in the heap: nq_port_timeout_ms says 0 and the loop's
- * timer brings the next dispatch. */
+ * left stays due in the heap (nq_port_timeout_ms says 0), and the end of
+ * the dispatch keeps the fd readable for it. */
 static int nq__port_expire(nq_port_t *p, unsigned limit) {
     int ran = 0;
     int64_t now = nq__now_ns();
@@ -632,8 +632,8 @@ int nq_port_dispatch(nq_port_t *p, unsigned budget) {
 
     /* Due timeouts first, within the budget: a flood of ready items cannot
      * make them late, and a mass expiry is cut into budget-sized dispatches
-     * like any other work (the rest stay due: the loop's timer, armed for
-     * 0 ms, comes back). Which of a notification and a timeout wins a wait
+     * like any other work (the rest stay due and keep the fd readable, see
+     * the end, so the loop comes back at once). Which of a notification and a timeout wins a wait
      * is decided by the wait's state, not by this order. */
     int ran = nq__port_expire(p, budget);
     uint64_t room = budget == 0 ? UINT64_MAX : (uint64_t)budget - (uint64_t)ran;

@@ -145,8 +145,8 @@ int nq_uv_close(nq_uv_t *h, nq_uv_close_cb close_cb) {
     h->nq__close_cb = close_cb;
     /* From here no port callback runs through h: libuv calls no poll or
      * timer callback of a closing handle, and a dispatch that is running
-     * (we are inside one of its callbacks) finishes its current batch,
-     * which the caller asked for by calling dispatch's callbacks. */
+     * (we are inside one of its callbacks) stops after this callback, since
+     * the port is detached inside it; what is left stays ready. */
     (void)nq_port_on_deadline(h->nq__port, NULL, NULL);
     (void)nq_port_detach(h->nq__port, h);
     h->nq__to_close = 2;
