@@ -13,13 +13,20 @@
  *                   not see the previous one's writes.
  *   take by store   the asking waiter takes a free lock with a plain store
  *                   after its load (not a compare-exchange): two can hold it.
+ *   keeps WANTED    the waiter that takes the lock leaves the request
+ *                   standing: the polite producers wait for a consumer that
+ *                   is not there (Relacy reports a livelock). Shows that
+ *                   the model can catch a stale request at all.
+ *
+ * A second layout runs one producer and two consumers, so one consumer's
+ * take also clears the other's request and the other asks again.
  */
 #include "model.h"
 
 using namespace nqm;
 
-template <int V>
-struct lock_test : rl::test_suite<lock_test<V>, 3> {
+template <int V, int NPOLITE = 2>
+struct lock_test : rl::test_suite<lock_test<V, NPOLITE>, 3> {
     lock lk;
     rl::var<int> count;
 
@@ -31,7 +38,7 @@ struct lock_test : rl::test_suite<lock_test<V>, 3> {
 
     void thread(unsigned idx) {
         for (int k = 0; k < 2; k++) {
-            if (idx < 2)
+            if (idx < (unsigned)NPOLITE)
                 lk.take_polite();
             else
                 lk.take();
@@ -51,5 +58,8 @@ int main() {
     check<lock_test<lock::BROKEN_DROP_RELAXED> >(rep, m, "broken (drop relaxed)", rl::random_scheduler_type, scaled(200000), 0, MAY_FAIL);
     check<lock_test<lock::BROKEN_TAKE_BY_STORE> >(rep, m, "broken (take by store)", rl::fair_context_bound_scheduler_type, 0, b, MUST_FAIL);
     check<lock_test<lock::BROKEN_TAKE_BY_STORE> >(rep, m, "broken (take by store)", rl::random_scheduler_type, scaled(200000), 0, MAY_FAIL);
+    check<lock_test<lock::OK, 1> >(rep, m, "correct, 1 producer 2 consumers", rl::fair_context_bound_scheduler_type, 0, b, MUST_PASS);
+    check<lock_test<lock::BROKEN_TAKE_KEEPS_WANTED> >(rep, m, "broken (take keeps WANTED)", rl::fair_context_bound_scheduler_type, 0, b, MUST_FAIL);
+    check<lock_test<lock::BROKEN_TAKE_KEEPS_WANTED, 1> >(rep, m, "broken (take keeps WANTED), 1 producer 2 consumers", rl::fair_context_bound_scheduler_type, 0, b, MUST_FAIL);
     return finish(rep, m);
 }

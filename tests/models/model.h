@@ -116,7 +116,7 @@ struct park {
 struct lock {
     enum { HELD = 1, WANTED = 2 };
     /* Deliberately broken variants, for tests/models/lock.cpp only. */
-    enum { OK = 0, BROKEN_DROP_RELAXED, BROKEN_TAKE_BY_STORE };
+    enum { OK = 0, BROKEN_DROP_RELAXED, BROKEN_TAKE_BY_STORE, BROKEN_TAKE_KEEPS_WANTED };
     int broken;
     rl::atomic<unsigned> held;
     lock() : broken(OK) { held($).store(0, rl::mo_relaxed); }
@@ -133,7 +133,11 @@ struct lock {
                     rl::atomic_thread_fence(rl::mo_acquire, $);
                     return;
                 }
-                if (held($).compare_exchange_strong(v, HELD, rl::mo_acquire, rl::mo_relaxed))
+                /* BROKEN_TAKE_KEEPS_WANTED: the taker leaves the request
+                 * standing, so once no consumer waits the producers defer
+                 * to nobody forever. */
+                unsigned to = broken == BROKEN_TAKE_KEEPS_WANTED ? (v | HELD) : (unsigned)HELD;
+                if (held($).compare_exchange_strong(v, to, rl::mo_acquire, rl::mo_relaxed))
                     return;
                 continue;
             }
