@@ -1,8 +1,8 @@
 /* This file is private to libnq: the small lock that guards one handle or one
  * subscription. Only library code takes it, for a bounded number of
  * instructions (no user callback, no allocation, no syscall runs under it),
- * so waiting for it is waiting for another producer's few stores, never for a
- * client. It spins (test-and-test-and-set) and yields the CPU after a while,
+ * so waiting for it is waiting for another thread's few stores, and never
+ * for long on a client (L4). It spins (test-and-test-and-set) and yields the CPU after a while,
  * which matters on machines with few vCPUs where the holder may be
  * preempted. Four bytes, so it fits in every handle slot.
  *
@@ -22,6 +22,15 @@
  *       that lands between that load and store is lost; the waiter sees it
  *       gone and asks again. A waiter that takes the lock clears it; one of
  *       several asking waiters gets the turn, the others ask again.
+ *   L4  A request expires: a producer that has found the lock free but
+ *       asked for during NQ__LOCK_DEFER_NS takes it and clears the request.
+ *       So a client thread that asked and then stopped running (preempted,
+ *       in a debugger, in a signal handler) costs the notify path one
+ *       bounded wait, not a wait until it runs again; a running client
+ *       takes its turn long before that, and asks again if it lost it.
+ *       Several clients contending for one lock could keep a request
+ *       standing most of the time; producers still get the gaps and the
+ *       expiry.
  * Orderings: the taking compare-exchange is acquire and the unlock's store
  * release (they pair: what the previous holder wrote is visible); the
  * request (fetch_or) and every load while waiting are relaxed, since they
@@ -42,12 +51,13 @@ typedef struct nq__lock {
 #define NQ__LOCK_HELD 1u
 #define NQ__LOCK_WANTED 2u
 #define NQ__LOCK_SPINS 64 /* pauses before yielding (and before asking) */
+#define NQ__LOCK_DEFER_NS 1000000 /* L4: 1 ms */
 
 static inline void nq__lock_init(nq__lock_t *l) {
     atomic_init(&l->held, 0);
 }
 
-static inline void nq__lock_pause(int i) {
+static inline void nq__lock_pause(unsigned i) {
     if (i < NQ__LOCK_SPINS)
         nq__cpu_relax();
     else
@@ -61,7 +71,7 @@ static inline void nq__lock(nq__lock_t *l) {
     if (atomic_compare_exchange_strong_explicit(&l->held, &v, NQ__LOCK_HELD,
                                                 memory_order_acquire, memory_order_relaxed))
         return;
-    for (int i = 0;; i++) {
+    for (unsigned i = 0;; i++) {
         v = atomic_load_explicit(&l->held, memory_order_relaxed);
         if (!(v & NQ__LOCK_HELD)) {
             /* Free (perhaps with our own request, or another waiter's):
@@ -78,16 +88,30 @@ static inline void nq__lock(nq__lock_t *l) {
 }
 
 /* Takes the lock on the notify path: only when it is neither held nor
- * asked for (L2). */
+ * asked for (L2), or when the request has stood for NQ__LOCK_DEFER_NS on
+ * a free lock (L4). The clock is read only while deferring. */
 static inline void nq__lock_polite(nq__lock_t *l) {
-    for (;;) {
-        unsigned v = 0;
-        /* Acquire pairs with the release in nq__unlock. */
-        if (atomic_compare_exchange_weak_explicit(&l->held, &v, NQ__LOCK_HELD,
-                                                  memory_order_acquire, memory_order_relaxed))
+    unsigned v = 0;
+    /* Acquire pairs with the release in nq__unlock. */
+    if (atomic_compare_exchange_strong_explicit(&l->held, &v, NQ__LOCK_HELD,
+                                                memory_order_acquire, memory_order_relaxed))
+        return;
+    int64_t expires = 0; /* when a request on a free lock stops counting */
+    for (unsigned i = 0;; i++) {
+        v = atomic_load_explicit(&l->held, memory_order_relaxed);
+        int take = v == 0;
+        if (v == NQ__LOCK_WANTED) {
+            int64_t now = nq__now_ns();
+            if (expires == 0)
+                expires = now + NQ__LOCK_DEFER_NS;
+            take = now >= expires;
+        }
+        /* Taking stores HELD alone: an expired request goes with it. */
+        if (take && atomic_compare_exchange_weak_explicit(&l->held, &v, NQ__LOCK_HELD,
+                                                          memory_order_acquire,
+                                                          memory_order_relaxed))
             return;
-        for (int i = 0; atomic_load_explicit(&l->held, memory_order_relaxed) != 0; i++)
-            nq__lock_pause(i);
+        nq__lock_pause(i);
     }
 }
 

@@ -14,9 +14,11 @@
  *   take by store   the asking waiter takes a free lock with a plain store
  *                   after its load (not a compare-exchange): two can hold it.
  *   keeps WANTED    the waiter that takes the lock leaves the request
- *                   standing: the polite producers wait for a consumer that
- *                   is not there (Relacy reports a livelock). Shows that
- *                   the model can catch a stale request at all.
+ *                   standing, and requests never expire: the polite
+ *                   producers wait for a consumer that is not there (Relacy
+ *                   reports a livelock). Shows that the model can catch a
+ *                   stale request at all; with the expiry (L4) a stale
+ *                   request only delays them.
  *
  * A second layout runs one producer and two consumers, so one consumer's
  * take also clears the other's request and the other asks again.

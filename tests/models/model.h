@@ -19,10 +19,11 @@
  *   nq__lock  src/core/lock.h: a compare-exchange (acquire) to take, a
  *             load and a store (release) to drop, the WANTED request of a
  *             waiting consumer (relaxed fetch_or) that producers
- *             (take_polite) defer to; its spin (relaxed loads, cpu_relax,
- *             sched_yield) is one rl::yield per turn, so the scheduler runs
- *             the holder. The model asks at its first wait (the C code
- *             after a while), so the request's interleavings are explored.
+ *             (take_polite) defer to until it expires; its spin (relaxed
+ *             loads, cpu_relax, sched_yield) is one rl::yield per turn, so
+ *             the scheduler runs the holder. The model asks at its first
+ *             wait (the C code after a while), so the request's
+ *             interleavings are explored.
  */
 #ifndef NQ_MODELS_MODEL_H
 #define NQ_MODELS_MODEL_H
@@ -147,13 +148,22 @@ struct lock {
         }
     }
     /* nq__lock_polite: the notify path, never while a request stands */
+    /* ... and the request expires (L4): the C code after 1 ms of seeing
+     * it on a free lock, the model after the third look. BROKEN_TAKE_KEEPS_
+     * WANTED has no expiry either, so its stale request is a livelock. */
     void take_polite() {
+        unsigned v = 0;
+        if (held($).compare_exchange_strong(v, HELD, rl::mo_acquire, rl::mo_relaxed))
+            return;
+        unsigned looks = 0;
         for (;;) {
-            unsigned v = 0;
-            if (held($).compare_exchange_strong(v, HELD, rl::mo_acquire, rl::mo_relaxed))
+            v = held($).load(rl::mo_relaxed);
+            bool take = v == 0;
+            if (v == WANTED)
+                take = broken != BROKEN_TAKE_KEEPS_WANTED && ++looks >= 3;
+            if (take && held($).compare_exchange_strong(v, HELD, rl::mo_acquire, rl::mo_relaxed))
                 return;
-            while (held($).load(rl::mo_relaxed) != 0)
-                rl::yield(1, $);
+            rl::yield(1, $);
         }
     }
     void drop() {
