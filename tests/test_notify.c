@@ -865,8 +865,9 @@ static void *lk_consumer(void *arg) {
 }
 
 Test(notify, a_waiting_consumer_gets_the_lock_before_a_relocking_producer, .timeout = 30) {
+    enum { ROUNDS = 40 };
     int first = 0; /* rounds the consumer went first */
-    for (int round = 0; round < 20; round++) {
+    for (int round = 0; round < ROUNDS; round++) {
         nq__lock_init(&lk_lock);
         atomic_store(&lk_consumer_in, 0);
         atomic_store(&lk_consumer_done, 0);
@@ -888,10 +889,12 @@ Test(notify, a_waiting_consumer_gets_the_lock_before_a_relocking_producer, .time
         cr_assert_eq(atomic_load(&lk_lock.held), 0, "a request or the lock left behind");
     }
     /* The producer defers for up to NQ__LOCK_DEFER_NS (L4): a consumer
-     * descheduled for longer on a loaded machine can lose a round. With a
-     * plain spinlock it loses them all. */
-    cr_log_info("the consumer that asked went first in %d of 20 rounds", first);
-    cr_assert_geq(first, 5, "the consumer went first in only %d of 20 rounds", first);
+     * descheduled for longer on a loaded machine can lose a round (here
+     * 18-20 of 20 won, on a loaded machine). With a plain spinlock, or the
+     * deferral cut to nothing, it wins a few by chance (1-3 of 20). */
+    cr_log_info("the consumer that asked went first in %d of %d rounds", first, ROUNDS);
+    cr_assert_geq(first, ROUNDS * 3 / 10, "the consumer went first in only %d of %d rounds",
+                  first, ROUNDS);
 }
 
 /* L4: a request expires. A client that asked for the lock and then stopped

@@ -1,5 +1,5 @@
-/* This file is private to libnq: the small lock that guards one handle or one
- * subscription. Only library code takes it, for a bounded number of
+/* This file is private to libnq: the small lock that guards one handle or
+ * one subscription. Only library code takes it, for a bounded number of
  * instructions (no user callback, no allocation, no syscall runs under it),
  * so waiting for it is waiting for another thread's few stores, and never
  * for long on a client (L4). It spins (test-and-test-and-set) and yields the CPU after a while,
@@ -12,7 +12,7 @@
  *   L2  bit 1 (WANTED) is a request for the next turn by a waiter that took
  *       the lock with nq__lock and has waited a while: producers
  *       (nq__lock_polite, the notify path) do not take the lock while it is
- *       set, so a consumer (the loop thread draining a subscription, a
+ *       set, until it expires (L4), so a consumer (the loop thread draining a subscription, a
  *       port's dispatch) cannot be starved by producers that unlock and
  *       relock in a tight loop on another CPU, which a plain spinlock
  *       allows (measured: consumer operations stalled for 180 ms with four
@@ -22,12 +22,19 @@
  *       that lands between that load and store is lost; the waiter sees it
  *       gone and asks again. A waiter that takes the lock clears it; one of
  *       several asking waiters gets the turn, the others ask again.
- *   L4  A request expires: a producer that has found the lock free but
- *       asked for during NQ__LOCK_DEFER_NS takes it and clears the request.
- *       So a client thread that asked and then stopped running (preempted,
- *       in a debugger, in a signal handler) costs the notify path one
- *       bounded wait, not a wait until it runs again; a running client
- *       takes its turn long before that, and asks again if it lost it.
+ *   L4  A request expires: a producer that first found the lock free but
+ *       asked for NQ__LOCK_DEFER_NS ago (by the clock, or after
+ *       NQ__LOCK_DEFER_LOOKS looks, whichever comes first, so a clock that
+ *       stalls cannot stretch it) takes it and clears the request. So a
+ *       client thread that asked and then stopped running (in a debugger,
+ *       in a signal handler, preempted) costs the notify path a bounded
+ *       wait per lock, not a wait until it runs again; a running client
+ *       takes its turn long before that, and asks again if it lost it. The
+ *       price: a client that is runnable but not running for longer (five
+ *       busy threads on two vCPUs) can lose its turn, and waits for the
+ *       scheduler to run it again (measured: its longest stall 15-90 ms
+ *       with 1 ms of deferral, 4-11 ms with none, 130-390 ms with a plain
+ *       spinlock). A producer never waiting long on a client comes first.
  *       Several clients contending for one lock could keep a request
  *       standing most of the time; producers still get the gaps and the
  *       expiry.
@@ -52,6 +59,7 @@ typedef struct nq__lock {
 #define NQ__LOCK_WANTED 2u
 #define NQ__LOCK_SPINS 64 /* pauses before yielding (and before asking) */
 #define NQ__LOCK_DEFER_NS 1000000 /* L4: 1 ms */
+#define NQ__LOCK_DEFER_LOOKS 65536u /* L4's backstop, whatever the clock says */
 
 static inline void nq__lock_init(nq__lock_t *l) {
     atomic_init(&l->held, 0);
@@ -97,14 +105,15 @@ static inline void nq__lock_polite(nq__lock_t *l) {
                                                 memory_order_acquire, memory_order_relaxed))
         return;
     int64_t expires = 0; /* when a request on a free lock stops counting */
+    unsigned looks = 0;  /* at a request on a free lock */
     for (unsigned i = 0;; i++) {
         v = atomic_load_explicit(&l->held, memory_order_relaxed);
         int take = v == 0;
         if (v == NQ__LOCK_WANTED) {
             int64_t now = nq__now_ns();
-            if (expires == 0)
+            if (looks++ == 0)
                 expires = now + NQ__LOCK_DEFER_NS;
-            take = now >= expires;
+            take = now >= expires || looks > NQ__LOCK_DEFER_LOOKS;
         }
         /* Taking stores HELD alone: an expired request goes with it. */
         if (take && atomic_compare_exchange_weak_explicit(&l->held, &v, NQ__LOCK_HELD,

@@ -8,7 +8,9 @@
  *
  * Cost: every call site already makes the call (or a syscall) it stands
  * for; going through the table adds one load and one indirect call, and
- * none of these operations is on nq_notify's path without a syscall. */
+ * none of these operations is on nq_notify's path without a syscall, except
+ * the clock read of a notify deferring to a consumer's lock request
+ * (src/core/lock.h, L4), which waits anyway. */
 #ifndef NQ_CORE_OPS_H
 #define NQ_CORE_OPS_H
 

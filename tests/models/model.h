@@ -148,8 +148,8 @@ struct lock {
         }
     }
     /* nq__lock_polite: the notify path, never while a request stands */
-    /* ... and the request expires (L4): the C code after 1 ms of seeing
-     * it on a free lock, the model after the third look. BROKEN_TAKE_KEEPS_
+    /* ... and the request expires (L4): the C code 1 ms after this call
+     * first saw it on a free lock, the model at the third look. BROKEN_TAKE_KEEPS_
      * WANTED has no expiry either, so its stale request is a livelock. */
     void take_polite() {
         unsigned v = 0;
