@@ -350,7 +350,7 @@ uint64_t nq_sub_dropped(const nq_sub_t *s) {
 void nq__sub_quiesce(nq_sub_t *s) {
     nq__lock(&s->lock); /* orders us after any producer's increment */
     nq__unlock(&s->lock);
-    for (int i = 0; atomic_load_explicit(&s->inflight, memory_order_acquire) != 0; i++) {
+    for (unsigned i = 0; atomic_load_explicit(&s->inflight, memory_order_acquire) != 0; i++) {
         if (i < 64)
             nq__cpu_relax();
         else

@@ -82,7 +82,7 @@ void nq__wait_quiesce(nq_wait_t *w) {
     nq__hslot_t *s = nq__slot_at(w->q, w->index);
     nq__lock(&s->lock); /* orders us after any completion's increment */
     nq__unlock(&s->lock);
-    for (int i = 0; atomic_load_explicit(&w->inflight, memory_order_acquire) != 0; i++) {
+    for (unsigned i = 0; atomic_load_explicit(&w->inflight, memory_order_acquire) != 0; i++) {
         if (i < 64)
             nq__cpu_relax();
         else
