@@ -436,8 +436,7 @@ struct fctx {
     int64_t t0, last_tick, max_gap;
     int ticks, ticks_pending, sock_reads;
     long cbs_at_end;
-    uint64_t cur_dispatch;
-    long in_this_dispatch, max_per_dispatch;
+    struct bb_meter per_dispatch;
 };
 
 #define FAIR_MS 300
@@ -472,14 +471,7 @@ static void f_event(struct eloop *e, uint64_t tag) {
 
 static void f_on_cb(struct bb_flood *f) {
     struct fctx *x = f->user;
-    nq_port_stats_t ps;
-    nq_port_stats(f->port, &ps);
-    if (ps.dispatches != x->cur_dispatch) {
-        x->cur_dispatch = ps.dispatches;
-        x->in_this_dispatch = 0;
-    }
-    if (++x->in_this_dispatch > x->max_per_dispatch)
-        x->max_per_dispatch = x->in_this_dispatch;
+    bb_meter_count(&x->per_dispatch, f->port);
 }
 
 static int fairness_round(int round, int paced) {
@@ -510,8 +502,8 @@ static int fairness_round(int round, int paced) {
     bb_flood_stop_producers(&x->f);
     long long sent = bb_sent_total(&x->f);
     bb_flood_assert_clean(&x->f, "epoll fairness");
-    cr_assert_leq(x->max_per_dispatch, FAIR_BUDGET, "a dispatch ran %ld callbacks, budget %d",
-                  x->max_per_dispatch, FAIR_BUDGET);
+    cr_assert_leq(x->per_dispatch.max, FAIR_BUDGET, "a dispatch ran %ld callbacks, budget %d",
+                  x->per_dispatch.max, FAIR_BUDGET);
     int want = FAIR_MS / 5 / 4;
     int ok = x->ticks >= want && x->max_gap <= 100 * 1000000LL &&
              x->ticks_pending >= x->ticks / 2 && x->cbs_at_end >= 100 &&
@@ -521,7 +513,7 @@ static int fairness_round(int round, int paced) {
                 ">= %d), %d of them with port work pending, longest gap %.1f ms; socket served "
                 "%d bytes%s",
                 paced ? "napping" : "unthrottled", round, sent, FAIR_MS, x->cbs_at_end,
-                x->max_per_dispatch, FAIR_BUDGET, x->ticks, want, x->ticks_pending,
+                x->per_dispatch.max, FAIR_BUDGET, x->ticks, want, x->ticks_pending,
                 x->max_gap / 1e6, x->sock_reads, ok ? "" : "  NOT MET, retried");
     if (!ok && round == 3) {
         cr_assert_geq(x->ticks, want, "the timerfd starved during the flood");
@@ -548,10 +540,9 @@ Test(bb_epoll, fairness_timerfd_and_socket_during_flood, .timeout = 60) {
             return;
 }
 
-/* 4 producers that never pause (see test_bb_uv.c): NQ_BB_UNTHROTTLED=1. */
+/* 4 producers that never pause: see bb_skip_unless_unthrottled. */
 Test(bb_epoll, fairness_unthrottled_producers, .timeout = 60) {
-    if (getenv("NQ_BB_UNTHROTTLED") == NULL)
-        cr_skip_test("set NQ_BB_UNTHROTTLED=1 to run (see the report of branch bb4)");
+    bb_skip_unless_unthrottled();
     for (int r = 1; r <= 3; r++)
         if (fairness_round(r, 0))
             return;

@@ -482,8 +482,7 @@ struct fctx {
     int64_t last_tick, max_gap;
     int ticks, ticks_pending, flooding;
     long cbs_at_end;
-    uint64_t cur_dispatch;
-    long in_this_dispatch, max_per_dispatch;
+    struct bb_meter per_dispatch;
 };
 
 static void f_tick(struct ev_loop *l, ev_timer *t, int revents) {
@@ -503,14 +502,7 @@ static void f_tick(struct ev_loop *l, ev_timer *t, int revents) {
 
 static void f_on_cb(struct bb_flood *f) {
     struct fctx *x = f->user;
-    nq_port_stats_t ps;
-    nq_port_stats(f->port, &ps);
-    if (ps.dispatches != x->cur_dispatch) {
-        x->cur_dispatch = ps.dispatches;
-        x->in_this_dispatch = 0;
-    }
-    if (++x->in_this_dispatch > x->max_per_dispatch)
-        x->max_per_dispatch = x->in_this_dispatch;
+    bb_meter_count(&x->per_dispatch, f->port);
 }
 
 static void f_end(struct ev_loop *l, ev_timer *t, int revents) {
@@ -563,8 +555,8 @@ static int fairness_round(int which, int round, int paced) {
     bb_flood_stop_producers(&x->f);
     long long sent = bb_sent_total(&x->f);
     bb_flood_assert_clean(&x->f, "ev fairness");
-    cr_assert_leq(x->max_per_dispatch, FAIR_BUDGET, "a dispatch ran %ld callbacks, budget %d",
-                  x->max_per_dispatch, FAIR_BUDGET);
+    cr_assert_leq(x->per_dispatch.max, FAIR_BUDGET, "a dispatch ran %ld callbacks, budget %d",
+                  x->per_dispatch.max, FAIR_BUDGET);
     int want = FAIR_MS / 5 / 4;
     int ok = x->ticks >= want && x->max_gap <= 100 * 1000000LL &&
              x->ticks_pending >= x->ticks / 2 && x->cbs_at_end >= 100;
@@ -572,7 +564,7 @@ static int fairness_round(int which, int round, int paced) {
                 "callbacks (<= %ld per dispatch, budget %d); 5 ms timer fired %d times (want "
                 ">= %d), %d of them with port work pending, longest gap %.1f ms%s",
                 loop_names[which], paced ? "napping" : "unthrottled", round, sent, FAIR_MS,
-                x->cbs_at_end, x->max_per_dispatch, FAIR_BUDGET, x->ticks, want,
+                x->cbs_at_end, x->per_dispatch.max, FAIR_BUDGET, x->ticks, want,
                 x->ticks_pending, x->max_gap / 1e6, ok ? "" : "  NOT MET, retried");
     if (!ok && round == 3) {
         cr_assert_geq(x->ticks, want, "the timer starved during the flood");
@@ -600,10 +592,9 @@ Test(bb_ev, fairness_timer_fires_during_flood_loop_new, .timeout = 60) {
             return;
 }
 
-/* 4 producers that never pause (see test_bb_uv.c): NQ_BB_UNTHROTTLED=1. */
+/* 4 producers that never pause: see bb_skip_unless_unthrottled. */
 Test(bb_ev, fairness_unthrottled_producers, .timeout = 60) {
-    if (getenv("NQ_BB_UNTHROTTLED") == NULL)
-        cr_skip_test("set NQ_BB_UNTHROTTLED=1 to run (see the report of branch bb4)");
+    bb_skip_unless_unthrottled();
     for (int r = 1; r <= 3; r++)
         if (fairness_round(NEWLOOP, r, 0))
             return;

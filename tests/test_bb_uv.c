@@ -590,8 +590,7 @@ struct fctx {
     int flooding;
     long cbs_at_end;
     /* Callbacks per dispatch, read from the port's own dispatch counter. */
-    uint64_t cur_dispatch;
-    long in_this_dispatch, max_per_dispatch;
+    struct bb_meter per_dispatch;
     int64_t cpu_ns; /* the loop thread's CPU time during the flood */
 };
 
@@ -616,14 +615,7 @@ static void f_tick(uv_timer_t *t) {
 
 static void f_on_cb(struct bb_flood *f) {
     struct fctx *x = f->user;
-    nq_port_stats_t ps;
-    nq_port_stats(f->port, &ps);
-    if (ps.dispatches != x->cur_dispatch) {
-        x->cur_dispatch = ps.dispatches;
-        x->in_this_dispatch = 0;
-    }
-    if (++x->in_this_dispatch > x->max_per_dispatch)
-        x->max_per_dispatch = x->in_this_dispatch;
+    bb_meter_count(&x->per_dispatch, f->port);
 }
 
 static void f_end(uv_timer_t *t) {
@@ -684,15 +676,15 @@ static int fairness_round(int round, int paced) {
     long long sent = bb_sent_total(&x->f);
     bb_flood_assert_clean(&x->f, "uv fairness");
     cr_assert_eq(x->c.close_cbs, 1);
-    cr_assert_leq(x->max_per_dispatch, FAIR_BUDGET, "a dispatch ran %ld callbacks, budget %d",
-                  x->max_per_dispatch, FAIR_BUDGET);
+    cr_assert_leq(x->per_dispatch.max, FAIR_BUDGET, "a dispatch ran %ld callbacks, budget %d",
+                  x->per_dispatch.max, FAIR_BUDGET);
     int want = FAIR_MS / 5 / 4; /* a quarter of the ticks a free loop would get */
     int ok = x->ticks >= want && x->max_gap <= 100 * 1000000LL &&
              x->ticks_pending >= x->ticks / 2 && x->cbs_at_end >= 100;
     BB_FIG("uv fairness (%s producers) round %d: %lld notifies in %d ms, %ld port callbacks (<= %ld per "
                 "dispatch, budget %d); 5 ms timer fired %d times (want >= %d), %d of them with "
                 "port work pending, longest gap %.1f ms; loop thread CPU %.1f ms%s",
-                paced ? "napping" : "unthrottled", round, sent, FAIR_MS, x->cbs_at_end, x->max_per_dispatch, FAIR_BUDGET, x->ticks,
+                paced ? "napping" : "unthrottled", round, sent, FAIR_MS, x->cbs_at_end, x->per_dispatch.max, FAIR_BUDGET, x->ticks,
                 want, x->ticks_pending, x->max_gap / 1e6, x->cpu_ns / 1e6, ok ? "" : "  NOT MET, retried");
     if (!ok && round == 3) {
         cr_assert_geq(x->ticks, want, "the timer starved during the flood");
@@ -714,13 +706,10 @@ Test(bb_uv, fairness_timer_fires_during_flood, .timeout = 60) {
             return;
 }
 
-/* The same with 4 producers that never pause, on 8 handles: on a 2-vCPU
- * machine the loop thread then competes with them for the handles' locks.
- * Reported as a library finding (the timer starves); run it with
- * NQ_BB_UNTHROTTLED=1. */
+/* The same with 4 producers that never pause on 8 handles: see
+ * bb_skip_unless_unthrottled. */
 Test(bb_uv, fairness_unthrottled_producers, .timeout = 60) {
-    if (getenv("NQ_BB_UNTHROTTLED") == NULL)
-        cr_skip_test("set NQ_BB_UNTHROTTLED=1 to run (see the report of branch bb4)");
+    bb_skip_unless_unthrottled();
     for (int r = 1; r <= 3; r++)
         if (fairness_round(r, 0))
             return;

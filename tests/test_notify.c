@@ -864,22 +864,28 @@ static void *lk_consumer(void *arg) {
     return NULL;
 }
 
+/* Takes lk_lock as a producer, starts lk_consumer and returns once its
+ * request stands (it asks after its spins), the lock still held. */
+static pthread_t lk_start_asking_consumer(void) {
+    nq__lock_init(&lk_lock);
+    atomic_store(&lk_consumer_in, 0);
+    atomic_store(&lk_consumer_done, 0);
+    nq__lock_polite(&lk_lock);
+    pthread_t t;
+    cr_assert_eq(pthread_create(&t, NULL, lk_consumer, NULL), 0);
+    int64_t t0 = now_ns();
+    while (!(atomic_load(&lk_lock.held) & NQ__LOCK_WANTED)) {
+        cr_assert_lt(now_ns() - t0, 10 * (int64_t)1000000000, "the consumer never asked");
+        sched_yield();
+    }
+    return t;
+}
+
 Test(notify, a_waiting_consumer_gets_the_lock_before_a_relocking_producer, .timeout = 30) {
     enum { ROUNDS = 40 };
     int first = 0; /* rounds the consumer went first */
     for (int round = 0; round < ROUNDS; round++) {
-        nq__lock_init(&lk_lock);
-        atomic_store(&lk_consumer_in, 0);
-        atomic_store(&lk_consumer_done, 0);
-        nq__lock_polite(&lk_lock);
-        pthread_t t;
-        cr_assert_eq(pthread_create(&t, NULL, lk_consumer, NULL), 0);
-        /* Wait for the consumer's request (it asks after its spins). */
-        int64_t t0 = now_ns();
-        while (!(atomic_load(&lk_lock.held) & NQ__LOCK_WANTED)) {
-            cr_assert_lt(now_ns() - t0, 10 * (int64_t)1000000000, "the consumer never asked");
-            sched_yield();
-        }
+        pthread_t t = lk_start_asking_consumer();
         nq__unlock(&lk_lock);
         nq__lock_polite(&lk_lock); /* at once, as a producer in a loop does */
         first += atomic_load(&lk_consumer_in);
@@ -917,19 +923,10 @@ Test(notify, a_request_from_a_stopped_client_expires, .timeout = 30) {
     sa.sa_handler = lk_park_handler;
     sigemptyset(&sa.sa_mask);
     cr_assert_eq(sigaction(SIGUSR2, &sa, &old), 0);
-    nq__lock_init(&lk_lock);
-    atomic_store(&lk_consumer_in, 0);
-    atomic_store(&lk_consumer_done, 0);
     atomic_store(&lk_parked, 0);
     atomic_store(&lk_resume, 0);
-    nq__lock_polite(&lk_lock);
-    pthread_t t;
-    cr_assert_eq(pthread_create(&t, NULL, lk_consumer, NULL), 0);
+    pthread_t t = lk_start_asking_consumer();
     int64_t t0 = now_ns();
-    while (!(atomic_load(&lk_lock.held) & NQ__LOCK_WANTED)) {
-        cr_assert_lt(now_ns() - t0, 10 * (int64_t)1000000000, "the consumer never asked");
-        sched_yield();
-    }
     cr_assert_eq(pthread_kill(t, SIGUSR2), 0);
     while (!atomic_load(&lk_parked)) {
         cr_assert_lt(now_ns() - t0, 10 * (int64_t)1000000000, "the consumer never parked");
