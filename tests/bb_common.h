@@ -32,17 +32,17 @@
 
 #include "nqtest.h"
 
-#define BB_NH 8
+#define BB_NH        8
 #define BB_PRODUCERS 4
-#define BB_TOTAL 100000 /* the acceptance test's 100k notifies */
-#define BB_SLACK_MS 20  /* a timeout fires within [timeout, timeout + 20 ms] */
-#define BB_ROUNDS 5     /* a round that was only late (never early) runs again */
+#define BB_TOTAL     100000 /* the acceptance test's 100k notifies */
+#define BB_SLACK_MS  20     /* a timeout fires within [timeout, timeout + 20 ms] */
+#define BB_ROUNDS    5      /* a round that was only late (never early) runs again */
 
 /* Figures, as TAP comments in the test's log. */
-#define BB_FIG(...)                                                                            \
-    do {                                                                                       \
-        fprintf(stderr, "# " __VA_ARGS__);                                                     \
-        fputc('\n', stderr);                                                                   \
+#define BB_FIG(...)                                                                                \
+    do {                                                                                           \
+        fprintf(stderr, "# " __VA_ARGS__);                                                         \
+        fputc('\n', stderr);                                                                       \
     } while (0)
 
 struct bb_flood;
@@ -68,14 +68,14 @@ struct bb_flood {
     struct bb_rec rec[BB_NH];
     pthread_t prod[BB_PRODUCERS];
     int nprod;
-    atomic_int stop;               /* producers: relaxed flag, polled */
-    atomic_llong sent[BB_NH];      /* notifies returned, per handle */
+    atomic_int stop;          /* producers: relaxed flag, polled */
+    atomic_llong sent[BB_NH]; /* notifies returned, per handle */
     atomic_llong notify_errors;
     int loop_tid;
     /* Loop-thread state (the loop thread alone touches these). */
     long bad_tid;
-    long after_close;  /* port callbacks after the adapter was closed */
-    long cbs_total;    /* port callbacks seen (wait + subscription) */
+    long after_close; /* port callbacks after the adapter was closed */
+    long cbs_total;   /* port callbacks seen (wait + subscription) */
     long wait_cbs_total, sub_cbs_total;
     long cancelled_in_free; /* wait callbacks with NQ_ECANCELED inside nq_port_free */
     long completed_in_free; /* ... with status 0 (completed, callback not yet run) */
@@ -86,7 +86,7 @@ struct bb_flood {
     void (*on_done)(struct bb_flood *f); /* once, when a fixed run is complete */
     void (*on_cb)(struct bb_flood *f);   /* after every port callback */
     void *user;
-    int nap_us; /* producers sleep this long after every 4 notifies (0: never) */
+    int nap_us;       /* producers sleep this long after every 4 notifies (0: never) */
     struct bb_mw *mw; /* extra waits (bb_flood_add_waits) */
     int nmw;
 };
@@ -396,11 +396,10 @@ static inline void bb_flood_assert_exact(struct bb_flood *f, const char *what) {
                  "%s: port stats say %llu callbacks, the test saw %ld", what,
                  (unsigned long long)ps.callbacks, f->cbs_total);
     BB_FIG("%s: %lld notifies from %d threads: %llu received + %llu dropped by "
-                "subscriptions, %llu wait callbacks, %ld callbacks in %llu dispatches, "
-                "%llu eventfd writes, %llu empty subscription calls, all on the loop thread",
-                what, (long long)(BB_NH * f->per_handle), BB_PRODUCERS, recv, drop, wcbs,
-                f->cbs_total, (unsigned long long)ps.dispatches,
-                (unsigned long long)ps.efd_writes, empty);
+           "subscriptions, %llu wait callbacks, %ld callbacks in %llu dispatches, "
+           "%llu eventfd writes, %llu empty subscription calls, all on the loop thread",
+           what, (long long)(BB_NH * f->per_handle), BB_PRODUCERS, recv, drop, wcbs, f->cbs_total,
+           (unsigned long long)ps.dispatches, (unsigned long long)ps.efd_writes, empty);
 }
 
 /* Frees what a flood holds: subscriptions held through out, the port (the
@@ -520,8 +519,8 @@ static inline int bb_tw_check(struct bb_tw_set *s, const char *what, int round) 
     line[0] = '\0';
     for (int i = 0; i < s->n; i++) {
         struct bb_tw *w = &s->w[i];
-        cr_assert_eq(w->calls, 1, "%s: wait %s (%d ms): %d callbacks", what, w->name,
-                     w->timeout_ms, w->calls);
+        cr_assert_eq(w->calls, 1, "%s: wait %s (%d ms): %d callbacks", what, w->name, w->timeout_ms,
+                     w->calls);
         cr_assert_eq(w->bad_tid, 0, "%s: wait %s: callback off the loop thread", what, w->name);
         cr_assert_eq(w->status, NQ_ETIMEDOUT, "%s: wait %s: status %s", what, w->name,
                      nq_err_name(w->status));
@@ -535,7 +534,7 @@ static inline int bb_tw_check(struct bb_tw_set *s, const char *what, int round) 
                                     w->timeout_ms, w->elapsed_ns / 1e6);
     }
     BB_FIG("%s round %d (name=timeout ms:fired after ms):%s%s", what, round, line,
-                late ? "  LATE, retried" : "");
+           late ? "  LATE, retried" : "");
     return late;
 }
 

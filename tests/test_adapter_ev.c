@@ -887,8 +887,7 @@ static void sp_cb(void *data, int status, int64_t arg) {
         ev_break(sp_loop, EVBREAK_ALL);
 }
 
-Test(adapter_ev, stop_inside_a_port_callback_stops_that_dispatch_and_start_resumes,
-     .timeout = 30) {
+Test(adapter_ev, stop_inside_a_port_callback_stops_that_dispatch_and_start_resumes, .timeout = 30) {
     sp_loop = ev_loop_new(0);
     cr_assert_not_null(sp_loop);
     nq_queue_t *q = new_queue();

@@ -14,16 +14,16 @@
 
 #include "bb_common.h"
 
-#define TAG_NQ 0x6e71ull
+#define TAG_NQ    0x6e71ull
 #define TAG_TIMER 1ull
-#define TAG_SOCK 2ull
-#define TAG_BUSY 3ull
+#define TAG_SOCK  2ull
+#define TAG_BUSY  3ull
 
 struct eloop {
     int epfd;
     nq_port_t *port;
     unsigned budget;
-    int attached;  /* our loop dispatches only while the port is in the set */
+    int attached; /* our loop dispatches only while the port is in the set */
     int quit;
     long tag_after_del; /* the port's event seen after nq_epoll_del */
     long iterations, dispatches;
@@ -138,8 +138,8 @@ static void run_flood(unsigned budget, int nap_us) {
     char what[64];
     snprintf(what, sizeof(what), "epoll flood (budget %u)", budget);
     bb_flood_assert_exact(&f, what);
-    BB_FIG("%s: producers nap %d us every 4 notifies, %.1f ms, %ld loop iterations", what,
-           nap_us, (t1 - t0) / 1e6, e.iterations);
+    BB_FIG("%s: producers nap %d us every 4 notifies, %.1f ms, %ld loop iterations", what, nap_us,
+           (t1 - t0) / 1e6, e.iterations);
     cr_assert_null(nq_port_owner(port));
     bb_flood_free_port(&f);
     nq_queue_free(f.q);
@@ -210,8 +210,8 @@ static int timeouts_round(int busy, int round) {
     snprintf(what, sizeof(what), "epoll timeouts%s", busy ? " (a 1 ms timerfd in the set)" : "");
     int late = bb_tw_check(&t.s, what, round);
     if (busy)
-        BB_FIG("%s: the busy timerfd fired %ld times, %ld loop iterations", what,
-                    t.busy_ticks, t.e.iterations);
+        BB_FIG("%s: the busy timerfd fired %ld times, %ld loop iterations", what, t.busy_ticks,
+               t.e.iterations);
     nq_port_free(port);
     bb_tw_free(&t.s);
     close(t.tfd);
@@ -263,7 +263,7 @@ Test(bb_epoll, epoll_timeout_value, .timeout = 30) {
     cr_assert_eq(nq_epoll_timeout(port, 0), 0);
     int t2 = nq_epoll_timeout(port, 100000);
     cr_assert(t2 > 150 && t2 <= 200, "nq_epoll_timeout(100000): %d", t2);
-    nq_queue_free(q); /* completes the wait with NQ_ECLOSED */
+    nq_queue_free(q);   /* completes the wait with NQ_ECLOSED */
     nq_port_free(port); /* which runs its callback */
     cr_assert_eq(noop_calls, 1);
 }
@@ -326,8 +326,9 @@ static void run_del(int how) {
     cr_assert_eq(rc, 0, "never deleted: %ld callbacks", c->f.cbs_total);
     long cbs_at_del = c->f.cbs_total;
     cr_assert_null(nq_port_owner(port), "the port is still attached after nq_epoll_del");
-    cr_assert_eq(c->e.tag_after_del, 0, "the port's fd fired %ld times in the set after "
-                                        "nq_epoll_del",
+    cr_assert_eq(c->e.tag_after_del, 0,
+                 "the port's fd fired %ld times in the set after "
+                 "nq_epoll_del",
                  c->e.tag_after_del);
     bb_flood_free_port(&c->f); /* while the producers still notify */
     bb_flood_stop_producers(&c->f);
@@ -338,9 +339,9 @@ static void run_del(int how) {
     if (how == DEL_BEFORE_RUN)
         cr_assert_eq(cbs_at_del, 0);
     BB_FIG("epoll del %s: %ld callbacks before del, %lld notifies in all; 0 callbacks "
-                "after, the fd never fired in the set again (30 ms); nq_port_free ran %ld wait "
-                "callbacks with NQ_ECANCELED and %ld with a result",
-                names[how], cbs_at_del, sent, c->f.cancelled_in_free, c->f.completed_in_free);
+           "after, the fd never fired in the set again (30 ms); nq_port_free ran %ld wait "
+           "callbacks with NQ_ECANCELED and %ld with a result",
+           names[how], cbs_at_del, sent, c->f.cancelled_in_free, c->f.completed_in_free);
     close(c->tfd);
     close(c->e.epfd);
     free(c);
@@ -439,7 +440,7 @@ struct fctx {
     struct bb_meter per_dispatch;
 };
 
-#define FAIR_MS 300
+#define FAIR_MS     300
 #define FAIR_BUDGET 8
 
 static void f_event(struct eloop *e, uint64_t tag) {
@@ -509,16 +510,15 @@ static int fairness_round(int round, int paced) {
              x->ticks_pending >= x->ticks / 2 && x->cbs_at_end >= 100 &&
              x->sock_reads >= x->ticks - 1;
     BB_FIG("epoll fairness (%s producers) round %d: %lld notifies in %d ms, %ld port "
-                "callbacks (<= %ld per dispatch, budget %d); 5 ms timerfd served %d times (want "
-                ">= %d), %d of them with port work pending, longest gap %.1f ms; socket served "
-                "%d bytes%s",
-                paced ? "napping" : "unthrottled", round, sent, FAIR_MS, x->cbs_at_end,
-                x->per_dispatch.max, FAIR_BUDGET, x->ticks, want, x->ticks_pending,
-                x->max_gap / 1e6, x->sock_reads, ok ? "" : "  NOT MET, retried");
+           "callbacks (<= %ld per dispatch, budget %d); 5 ms timerfd served %d times (want "
+           ">= %d), %d of them with port work pending, longest gap %.1f ms; socket served "
+           "%d bytes%s",
+           paced ? "napping" : "unthrottled", round, sent, FAIR_MS, x->cbs_at_end,
+           x->per_dispatch.max, FAIR_BUDGET, x->ticks, want, x->ticks_pending, x->max_gap / 1e6,
+           x->sock_reads, ok ? "" : "  NOT MET, retried");
     if (!ok && round == 3) {
         cr_assert_geq(x->ticks, want, "the timerfd starved during the flood");
-        cr_assert_leq(x->max_gap, 100 * 1000000LL, "the timerfd stalled %.1f ms",
-                      x->max_gap / 1e6);
+        cr_assert_leq(x->max_gap, 100 * 1000000LL, "the timerfd stalled %.1f ms", x->max_gap / 1e6);
         cr_assert_geq(x->ticks_pending, x->ticks / 2,
                       "the port had no work pending at most ticks: no flood");
         cr_assert_geq(x->cbs_at_end, 100, "the port starved");

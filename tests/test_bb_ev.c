@@ -302,14 +302,14 @@ static void run_close(int which, int how) {
         cr_assert_eq(rs.cbs_at_restart, rs.cbs_at_stop1, "callbacks while stopped");
         cr_assert_gt(rs.cbs_at_stop2, rs.cbs_at_restart, "no callback after the restart");
         BB_FIG("ev %s: %ld callbacks before the stop, none while stopped, %ld after the "
-                    "restart",
-                    loop_names[which], rs.cbs_at_stop1, rs.cbs_at_stop2 - rs.cbs_at_restart);
+               "restart",
+               loop_names[which], rs.cbs_at_stop1, rs.cbs_at_stop2 - rs.cbs_at_restart);
     }
     BB_FIG("ev close (%s) %s: %ld callbacks before close, %lld notifies sent by then, "
-                "%lld in all; 0 callbacks after; nq_port_free ran %ld wait callbacks with "
-                "NQ_ECANCELED and %ld with a result",
-                loop_names[which], names[how], cbs_at_close, sent_at_close, sent,
-                f.cancelled_in_free, f.completed_in_free);
+           "%lld in all; 0 callbacks after; nq_port_free ran %ld wait callbacks with "
+           "NQ_ECANCELED and %ld with a result",
+           loop_names[which], names[how], cbs_at_close, sent_at_close, sent, f.cancelled_in_free,
+           f.completed_in_free);
     drop_loop(l, which);
 }
 
@@ -456,7 +456,7 @@ static void run_habits(int which) {
         cr_assert_geq(r.elapsed, 30 * 1000000LL, "early: %.3f ms", r.elapsed / 1e6);
         late = r.elapsed > (30 + BB_SLACK_MS) * 1000000LL;
         BB_FIG("ev habits (%s) round %d: EVRUN_ONCE 30 ms timeout after %.2f ms (%d calls)",
-                    loop_names[which], round, r.elapsed / 1e6, calls);
+               loop_names[which], round, r.elapsed / 1e6, calls);
     }
     cr_assert_eq(late, 0);
     cr_assert_eq(nq_ev_stop(l, &w), 0);
@@ -517,7 +517,7 @@ static void f_end(struct ev_loop *l, ev_timer *t, int revents) {
     stop_and_close(&x->c, 0);
 }
 
-#define FAIR_MS 300
+#define FAIR_MS     300
 #define FAIR_BUDGET 8
 
 static int fairness_round(int which, int round, int paced) {
@@ -561,11 +561,11 @@ static int fairness_round(int which, int round, int paced) {
     int ok = x->ticks >= want && x->max_gap <= 100 * 1000000LL &&
              x->ticks_pending >= x->ticks / 2 && x->cbs_at_end >= 100;
     BB_FIG("ev fairness (%s, %s producers) round %d: %lld notifies in %d ms, %ld port "
-                "callbacks (<= %ld per dispatch, budget %d); 5 ms timer fired %d times (want "
-                ">= %d), %d of them with port work pending, longest gap %.1f ms%s",
-                loop_names[which], paced ? "napping" : "unthrottled", round, sent, FAIR_MS,
-                x->cbs_at_end, x->per_dispatch.max, FAIR_BUDGET, x->ticks, want,
-                x->ticks_pending, x->max_gap / 1e6, ok ? "" : "  NOT MET, retried");
+           "callbacks (<= %ld per dispatch, budget %d); 5 ms timer fired %d times (want "
+           ">= %d), %d of them with port work pending, longest gap %.1f ms%s",
+           loop_names[which], paced ? "napping" : "unthrottled", round, sent, FAIR_MS,
+           x->cbs_at_end, x->per_dispatch.max, FAIR_BUDGET, x->ticks, want, x->ticks_pending,
+           x->max_gap / 1e6, ok ? "" : "  NOT MET, retried");
     if (!ok && round == 3) {
         cr_assert_geq(x->ticks, want, "the timer starved during the flood");
         cr_assert_leq(x->max_gap, 100 * 1000000LL, "the timer stalled %.1f ms", x->max_gap / 1e6);

@@ -106,7 +106,8 @@ static void run_flood(unsigned budget, int set_budget, int nap_us) {
     bb_flood_start_producers(&f);
     uv_run(&c.loop, UV_RUN_DEFAULT);
     int64_t t1 = now_ns();
-    cr_assert_not(c.watchdog_fired, "the run did not complete in 60 s: sent %lld", bb_sent_total(&f));
+    cr_assert_not(c.watchdog_fired, "the run did not complete in 60 s: sent %lld",
+                  bb_sent_total(&f));
     bb_flood_stop_producers(&f);
     cr_assert_eq(c.close_cbs, 1);
     free(c.h);
@@ -266,10 +267,9 @@ static void run_close(int how) {
     if (how == CLOSE_BEFORE_RUN)
         cr_assert_eq(cbs_at_close, 0);
     BB_FIG("uv close %s: %ld callbacks before close, %lld notifies sent by then, %lld "
-                "in all; close_cb once; 0 callbacks after; nq_port_free ran %ld wait "
-                "callbacks with NQ_ECANCELED and %ld with a result",
-                names[how], cbs_at_close, sent_at_close, sent, f.cancelled_in_free,
-                f.completed_in_free);
+           "in all; close_cb once; 0 callbacks after; nq_port_free ran %ld wait "
+           "callbacks with NQ_ECANCELED and %ld with a result",
+           names[how], cbs_at_close, sent_at_close, sent, f.cancelled_in_free, f.completed_in_free);
     uvctx_finish(&c);
 }
 
@@ -415,8 +415,9 @@ Test(bb_uv, ref_unref_only_unreferenced_handle_exits, .timeout = 30) {
     t0 = now_ns();
     cr_assert_eq(uv_run(&r.c.loop, UV_RUN_DEFAULT), 0);
     int64_t d2 = now_ns() - t0;
-    cr_assert_lt(d2, 100 * 1000000LL, "an unreferenced handle with a 200 ms deadline held "
-                                      "UV_RUN_DEFAULT for %.1f ms",
+    cr_assert_lt(d2, 100 * 1000000LL,
+                 "an unreferenced handle with a 200 ms deadline held "
+                 "UV_RUN_DEFAULT for %.1f ms",
                  d2 / 1e6);
     cr_assert_eq(r.cbs, 0);
 
@@ -432,8 +433,8 @@ Test(bb_uv, ref_unref_only_unreferenced_handle_exits, .timeout = 30) {
     cr_assert_geq(r.elapsed, 200 * 1000000LL);
     cr_assert_eq(r.c.close_cbs, 1);
     BB_FIG("uv ref/unref: DEFAULT returned in %.2f ms (unref'd), %.2f ms (unref'd, a "
-                "200 ms deadline pending); ref'd, it ran until the timeout at %.1f ms",
-                d1 / 1e6, d2 / 1e6, r.elapsed / 1e6);
+           "200 ms deadline pending); ref'd, it ran until the timeout at %.1f ms",
+           d1 / 1e6, d2 / 1e6, r.elapsed / 1e6);
     nq_port_free(port);
     nq_queue_free(r.q);
     cr_assert_eq(uv_loop_close(&r.c.loop), 0);
@@ -565,13 +566,12 @@ Test(bb_uv, run_once_and_nowait, .timeout = 30) {
         nowait_to_ms = r.elapsed / 1e6;
         late |= r.elapsed > (25 + BB_SLACK_MS) * 1000000LL;
         BB_FIG("uv run modes round %d: ONCE 30 ms timeout fired after %.2f ms (%d calls); "
-                    "NOWAIT 25 ms timeout after %.2f ms (%d calls)%s",
-                    round, once_to_ms, once_calls, nowait_to_ms, nowait_calls,
-                    late ? "  LATE, retried" : "");
+               "NOWAIT 25 ms timeout after %.2f ms (%d calls)%s",
+               round, once_to_ms, once_calls, nowait_to_ms, nowait_calls,
+               late ? "  LATE, retried" : "");
     }
     cr_assert_eq(late, 0, "late in every round");
-    BB_FIG("uv run modes: ONCE returned %.2f ms after a notify from a thread at 10 ms",
-                once_io_ms);
+    BB_FIG("uv run modes: ONCE returned %.2f ms after a notify from a thread at 10 ms", once_io_ms);
     cr_assert_eq(nq_uv_close(&h, on_closed), 0);
     uv_run(&r.c.loop, UV_RUN_DEFAULT);
     cr_assert_eq(r.c.close_cbs, 1);
@@ -634,7 +634,7 @@ static void f_end(uv_timer_t *t) {
     uv_close((uv_handle_t *)&x->end, NULL);
 }
 
-#define FAIR_MS 300
+#define FAIR_MS     300
 #define FAIR_BUDGET 8
 
 static int fairness_round(int round, int paced) {
@@ -681,11 +681,13 @@ static int fairness_round(int round, int paced) {
     int want = FAIR_MS / 5 / 4; /* a quarter of the ticks a free loop would get */
     int ok = x->ticks >= want && x->max_gap <= 100 * 1000000LL &&
              x->ticks_pending >= x->ticks / 2 && x->cbs_at_end >= 100;
-    BB_FIG("uv fairness (%s producers) round %d: %lld notifies in %d ms, %ld port callbacks (<= %ld per "
-                "dispatch, budget %d); 5 ms timer fired %d times (want >= %d), %d of them with "
-                "port work pending, longest gap %.1f ms; loop thread CPU %.1f ms%s",
-                paced ? "napping" : "unthrottled", round, sent, FAIR_MS, x->cbs_at_end, x->per_dispatch.max, FAIR_BUDGET, x->ticks,
-                want, x->ticks_pending, x->max_gap / 1e6, x->cpu_ns / 1e6, ok ? "" : "  NOT MET, retried");
+    BB_FIG("uv fairness (%s producers) round %d: %lld notifies in %d ms, %ld port callbacks (<= "
+           "%ld per "
+           "dispatch, budget %d); 5 ms timer fired %d times (want >= %d), %d of them with "
+           "port work pending, longest gap %.1f ms; loop thread CPU %.1f ms%s",
+           paced ? "napping" : "unthrottled", round, sent, FAIR_MS, x->cbs_at_end,
+           x->per_dispatch.max, FAIR_BUDGET, x->ticks, want, x->ticks_pending, x->max_gap / 1e6,
+           x->cpu_ns / 1e6, ok ? "" : "  NOT MET, retried");
     if (!ok && round == 3) {
         cr_assert_geq(x->ticks, want, "the timer starved during the flood");
         cr_assert_leq(x->max_gap, 100 * 1000000LL, "the timer stalled %.1f ms", x->max_gap / 1e6);

@@ -27,7 +27,6 @@
 #include "core/internal.h"
 #include "core/queue.h"
 
-
 /* --- helpers ------------------------------------------------------------ */
 
 static nq_queue_t *new_queue(const nq_config_t *cfg) {
@@ -899,8 +898,8 @@ Test(notify, a_waiting_consumer_gets_the_lock_before_a_relocking_producer, .time
      * 18-20 of 20 won, on a loaded machine). With a plain spinlock, or the
      * deferral cut to nothing, it wins a few by chance (1-3 of 20). */
     cr_log_info("the consumer that asked went first in %d of %d rounds", first, ROUNDS);
-    cr_assert_geq(first, ROUNDS * 3 / 10, "the consumer went first in only %d of %d rounds",
-                  first, ROUNDS);
+    cr_assert_geq(first, ROUNDS * 3 / 10, "the consumer went first in only %d of %d rounds", first,
+                  ROUNDS);
 }
 
 /* L4: a request expires. A client that asked for the lock and then stopped
@@ -968,8 +967,7 @@ static void *st_producer(void *arg) {
     return NULL;
 }
 
-Test(notify, a_consumer_keeps_going_while_four_producers_notify_in_a_tight_loop,
-     .timeout = 60) {
+Test(notify, a_consumer_keeps_going_while_four_producers_notify_in_a_tight_loop, .timeout = 60) {
     cr_assert_eq(nq_queue_new(NULL, &st_q), 0);
     cr_assert_eq(nq_register(st_q, "tight", &st_h), 0);
     nq_sub_opts_t o;

@@ -55,11 +55,11 @@ typedef struct nq__lock {
     atomic_uint held;
 } nq__lock_t;
 
-#define NQ__LOCK_HELD 1u
-#define NQ__LOCK_WANTED 2u
-#define NQ__LOCK_SPINS 64 /* pauses before yielding (and before asking) */
-#define NQ__LOCK_DEFER_NS 1000000 /* L4: 1 ms */
-#define NQ__LOCK_DEFER_LOOKS 65536u /* L4's backstop, whatever the clock says */
+#define NQ__LOCK_HELD        1u
+#define NQ__LOCK_WANTED      2u
+#define NQ__LOCK_SPINS       64      /* pauses before yielding (and before asking) */
+#define NQ__LOCK_DEFER_NS    1000000 /* L4: 1 ms */
+#define NQ__LOCK_DEFER_LOOKS 65536u  /* L4's backstop, whatever the clock says */
 
 static inline void nq__lock_init(nq__lock_t *l) {
     atomic_init(&l->held, 0);
@@ -76,8 +76,8 @@ static inline void nq__lock_pause(unsigned i) {
  * next turn (L2). For everything but the notify path. */
 static inline void nq__lock(nq__lock_t *l) {
     unsigned v = 0;
-    if (atomic_compare_exchange_strong_explicit(&l->held, &v, NQ__LOCK_HELD,
-                                                memory_order_acquire, memory_order_relaxed))
+    if (atomic_compare_exchange_strong_explicit(&l->held, &v, NQ__LOCK_HELD, memory_order_acquire,
+                                                memory_order_relaxed))
         return;
     for (unsigned i = 0;; i++) {
         v = atomic_load_explicit(&l->held, memory_order_relaxed);
@@ -101,8 +101,8 @@ static inline void nq__lock(nq__lock_t *l) {
 static inline void nq__lock_polite(nq__lock_t *l) {
     unsigned v = 0;
     /* Acquire pairs with the release in nq__unlock. */
-    if (atomic_compare_exchange_strong_explicit(&l->held, &v, NQ__LOCK_HELD,
-                                                memory_order_acquire, memory_order_relaxed))
+    if (atomic_compare_exchange_strong_explicit(&l->held, &v, NQ__LOCK_HELD, memory_order_acquire,
+                                                memory_order_relaxed))
         return;
     int64_t expires = 0; /* when a request on a free lock stops counting */
     unsigned looks = 0;  /* at a request on a free lock */
@@ -116,9 +116,8 @@ static inline void nq__lock_polite(nq__lock_t *l) {
             take = now >= expires || looks > NQ__LOCK_DEFER_LOOKS;
         }
         /* Taking stores HELD alone: an expired request goes with it. */
-        if (take && atomic_compare_exchange_weak_explicit(&l->held, &v, NQ__LOCK_HELD,
-                                                          memory_order_acquire,
-                                                          memory_order_relaxed))
+        if (take && atomic_compare_exchange_weak_explicit(
+                        &l->held, &v, NQ__LOCK_HELD, memory_order_acquire, memory_order_relaxed))
             return;
         nq__lock_pause(i);
     }

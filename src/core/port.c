@@ -633,8 +633,9 @@ int nq_port_dispatch(nq_port_t *p, unsigned budget) {
     /* Due timeouts first, within the budget: a flood of ready items cannot
      * make them late, and a mass expiry is cut into budget-sized dispatches
      * like any other work (the rest stay due and keep the fd readable, see
-     * the end, so the loop comes back at once). Which of a notification and a timeout wins a wait
-     * is decided by the wait's state, not by this order. */
+     * the end, so the loop comes back at once). Which of a notification
+     * and a timeout wins a wait is decided by the wait's state, not by this
+     * order. */
     int ran = nq__port_expire(p, budget);
     uint64_t room = budget == 0 ? UINT64_MAX : (uint64_t)budget - (uint64_t)ran;
     if (room < limit)
