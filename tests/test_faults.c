@@ -599,6 +599,11 @@ Test(faults, eintr_storm_during_timed_waits, .timeout = 60) {
 
     const int iters = SCALE(40);
     const int64_t timeout_ms = 4;
+    /* p99 of the overshoots against bound, the largest against 10x that: a
+     * wait that restarted its timeout or lost time on each interruption is
+     * late every time, while one wait descheduled for a long moment on a
+     * loaded machine (seen: 58 and 68 ms, other tests on both vCPUs) is
+     * late once. */
     const int64_t bound = (NQT_TSAN_OR_0 ? 250 : 50) * MS;
     int64_t *over = calloc((size_t)iters * NKINDS, sizeof(int64_t));
     int64_t kmax[NKINDS] = {0};
@@ -663,9 +668,9 @@ Test(faults, eintr_storm_during_timed_waits, .timeout = 60) {
         atomic_load(&alarms), atomic_load(&futex_eintr), atomic_load(&futex_calls),
         epoll_eintr, n, (long long)timeout_ms, iters, kind_name[0], kind_name[1],
         kind_name[2], kind_name[3], completed);
-    say("EINTR storm: overshoot p50 %.3f ms, p99 %.3f ms, max %.3f ms (bound %.0f ms); max "
-        "per kind: wait %.3f, sub %.3f, evq %.3f, port %.3f ms",
-        over[n / 2] / 1e6, p99 / 1e6, mx / 1e6, bound / 1e6, kmax[0] / 1e6, kmax[1] / 1e6,
+    say("EINTR storm: overshoot p50 %.3f ms, p99 %.3f ms (bound %.0f ms), max %.3f ms (bound "
+        "x10); max per kind: wait %.3f, sub %.3f, evq %.3f, port %.3f ms",
+        over[n / 2] / 1e6, p99 / 1e6, bound / 1e6, mx / 1e6, kmax[0] / 1e6, kmax[1] / 1e6,
         kmax[2] / 1e6, kmax[3] / 1e6);
     /* About one per millisecond waited: at least one per timed wait. */
     cr_assert_geq(atomic_load(&alarms), n, "the storm did not happen: %ld alarms",
@@ -673,7 +678,8 @@ Test(faults, eintr_storm_during_timed_waits, .timeout = 60) {
     if (!NQT_TSAN_OR_0)
         cr_assert_gt(atomic_load(&futex_eintr), 0, "no futex wait was interrupted: the storm "
                                                    "missed the waits");
-    cr_assert_lt(mx, bound, "overshoot %.3f ms", mx / 1e6);
+    cr_assert_lt(p99, bound, "overshoot p99 %.3f ms", p99 / 1e6);
+    cr_assert_lt(mx, 10 * bound, "overshoot %.3f ms", mx / 1e6);
     free(over);
     close(epfd);
     nq_port_free(p);
