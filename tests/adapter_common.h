@@ -56,6 +56,28 @@ static inline nq_handle_t reg(nq_queue_t *q, const char *hint) {
     return h;
 }
 
+/* Callbacks per nq_port_dispatch, counted from inside the callbacks: the
+ * port's dispatch counter says when a new dispatch began. Returns how many
+ * callbacks the current dispatch has run, this one included, or -1 if the
+ * port's stats could not be read. */
+typedef struct dmeter {
+    uint64_t dispatch; /* the one the last callback ran in */
+    unsigned in_this, max;
+} dmeter_t;
+
+static inline int dmeter_count(dmeter_t *m, nq_port_t *p) {
+    nq_port_stats_t ps;
+    if (nq_port_stats(p, &ps) != 0)
+        return -1;
+    if (ps.dispatches != m->dispatch) {
+        m->dispatch = ps.dispatches;
+        m->in_this = 0;
+    }
+    if (++m->in_this > m->max)
+        m->max = m->in_this;
+    return (int)m->in_this;
+}
+
 static inline nq_port_t *new_port(void) {
     nq_port_t *p = NULL;
     int rc = nq_port_new(&p);

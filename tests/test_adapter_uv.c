@@ -214,8 +214,7 @@ static struct {
     uint64_t wrong_producer, out_of_order, bad_status, api_errors, callbacks;
     int closed;
     uint64_t after_close;
-    uint64_t cur_dispatch;
-    unsigned in_dispatch, max_per_dispatch;
+    dmeter_t per_dispatch;
     uint64_t checks; /* uv_check iterations */
     /* touched by any thread */
     atomic_int wrong_thread;
@@ -244,15 +243,8 @@ static int st_enter(void) {
         return 0;
     }
     st.callbacks++;
-    nq_port_stats_t ps;
-    if (nq_port_stats(st.port, &ps) != 0)
+    if (dmeter_count(&st.per_dispatch, st.port) < 0)
         st.api_errors++;
-    if (ps.dispatches != st.cur_dispatch) {
-        st.cur_dispatch = ps.dispatches;
-        st.in_dispatch = 0;
-    }
-    if (++st.in_dispatch > st.max_per_dispatch)
-        st.max_per_dispatch = st.in_dispatch;
     return 1;
 }
 
@@ -433,8 +425,8 @@ static void st_run(unsigned budget) {
                   (unsigned long long)ps.dispatches, (unsigned long long)st.checks);
     cr_assert_eq(ps.callbacks, st.callbacks);
     unsigned cap = budget != 0 ? budget : NQ_UV_DEFAULT_BUDGET;
-    cr_assert_leq(st.max_per_dispatch, cap, "%u callbacks in one dispatch, budget %u",
-                  st.max_per_dispatch, cap);
+    cr_assert_leq(st.per_dispatch.max, cap, "%u callbacks in one dispatch, budget %u",
+                  st.per_dispatch.max, cap);
     nq_port_free(st.port); /* closes the port-owned subscriptions, no callback */
     cr_assert_eq(st.after_close, 0);
     nq_queue_free(st.q);
@@ -1417,8 +1409,7 @@ static struct {
     int64_t t0, t_end;
     unsigned ticks;
     uint64_t cbs;
-    uint64_t cur_dispatch;
-    unsigned in_dispatch, max_per_dispatch;
+    dmeter_t per_dispatch;
     uint64_t full_dispatches; /* dispatches that reached the cap */
     unsigned cap;
     int api_errors;
@@ -1449,16 +1440,10 @@ static void fl_sub_cb(nq_sub_t *s, void *data) {
     if (cur_tid() != fl.loop_tid)
         atomic_fetch_add(&fl.wrong_thread, 1);
     fl.cbs++;
-    nq_port_stats_t ps;
-    if (nq_port_stats(fl.port, &ps) != 0)
+    int n = dmeter_count(&fl.per_dispatch, fl.port);
+    if (n < 0)
         fl.api_errors++;
-    if (ps.dispatches != fl.cur_dispatch) {
-        fl.cur_dispatch = ps.dispatches;
-        fl.in_dispatch = 0;
-    }
-    if (++fl.in_dispatch > fl.max_per_dispatch)
-        fl.max_per_dispatch = fl.in_dispatch;
-    if (fl.in_dispatch == fl.cap)
+    if (n == (int)fl.cap)
         fl.full_dispatches++;
     int64_t a; /* one arg only */
     int rc = nq_sub_try_recv(s, &a);
@@ -1538,8 +1523,8 @@ static void fl_run(unsigned budget) {
     cr_assert_geq(fl.ticks, 8);
     cr_assert_gt(fl.cbs, (uint64_t)fl.ticks, "no flood");
     cr_assert_gt(fl.full_dispatches, 0, "no dispatch had more work than its budget");
-    cr_assert_leq(fl.max_per_dispatch, fl.cap, "%u callbacks in one dispatch, cap %u",
-                  fl.max_per_dispatch, fl.cap);
+    cr_assert_leq(fl.per_dispatch.max, fl.cap, "%u callbacks in one dispatch, cap %u",
+                  fl.per_dispatch.max, fl.cap);
     cr_assert_leq(ps.efd_writes, ps.dispatches + 1);
     nq_port_free(fl.port);
     nq_queue_free(fl.q);
@@ -1596,8 +1581,7 @@ enum { MX_N = 20000, MX_H = 80 }; /* 250 waits a handle: within the default limi
 static struct {
     int calls, bad, iter, iter_calls, max_iter_calls, ticks, ticks_during;
     nq_port_t *port;
-    uint64_t dispatch; /* the dispatch the last callback ran in */
-    int dispatch_calls, max_dispatch_calls;
+    dmeter_t per_dispatch;
 } mx;
 
 static void mx_wait_cb(void *data, int status, int64_t arg) {
@@ -1608,15 +1592,8 @@ static void mx_wait_cb(void *data, int status, int64_t arg) {
     mx.calls++;
     if (++mx.iter_calls > mx.max_iter_calls)
         mx.max_iter_calls = mx.iter_calls;
-    nq_port_stats_t ps;
-    if (nq_port_stats(mx.port, &ps) != 0)
+    if (dmeter_count(&mx.per_dispatch, mx.port) < 0)
         mx.bad++;
-    if (ps.dispatches != mx.dispatch) {
-        mx.dispatch = ps.dispatches;
-        mx.dispatch_calls = 0;
-    }
-    if (++mx.dispatch_calls > mx.max_dispatch_calls)
-        mx.max_dispatch_calls = mx.dispatch_calls;
 }
 
 static void mx_prepare_cb(uv_prepare_t *p) {
@@ -1663,14 +1640,14 @@ Test(adapter_uv, a_mass_expiry_keeps_to_the_budget_and_a_1ms_timer_keeps_firing,
     guard_end();
     uv_close((uv_handle_t *)&prep, NULL);
     uv_close((uv_handle_t *)&tick, NULL);
-    cr_log_info("%d timeouts, budget 8: %d loop iterations, at most %d callbacks in one "
+    cr_log_info("%d timeouts, budget 8: %d loop iterations, at most %u callbacks in one "
                 "dispatch and %d in one iteration, the 1 ms timer fired %d times while they "
                 "drained",
-                MX_N, mx.iter, mx.max_dispatch_calls, mx.max_iter_calls, mx.ticks_during);
+                MX_N, mx.iter, mx.per_dispatch.max, mx.max_iter_calls, mx.ticks_during);
     cr_assert_eq(mx.bad, 0);
     cr_assert_eq(mx.calls, MX_N);
-    cr_assert_leq(mx.max_dispatch_calls, 8, "%d timeout callbacks in one dispatch",
-                  mx.max_dispatch_calls);
+    cr_assert_leq(mx.per_dispatch.max, 8, "%u timeout callbacks in one dispatch",
+                  mx.per_dispatch.max);
     /* The poll watcher's dispatch, and at times the timer's too. */
     cr_assert_leq(mx.max_iter_calls, 16, "%d timeout callbacks in one loop iteration",
                   mx.max_iter_calls);
