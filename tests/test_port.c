@@ -37,6 +37,7 @@
 #include "nqtest.h"
 #include "core/internal.h"
 #include "core/queue.h"
+#include "core/testhooks.h"
 #include "core/evq.h"
 
 #define MS (int64_t)1000000

@@ -70,6 +70,7 @@
 #include "core/queue.h"
 #include "core/evq.h"
 #include "core/ops.h"
+#include "core/testhooks.h"
 
 #define NQ__PORT_DEFAULT_ITEMS (1u << 16)
 #define NQ__PORT_MAX_ITEMS (1u << 22)
@@ -83,6 +84,31 @@ typedef struct nq__pitem {
     uint8_t kind;
     void *obj;
 } nq__pitem_t;
+
+/* A port wait: the queue's wait, then what the port adds. The queue knows
+ * only the nq_wait_t and the waker the port put in it. */
+typedef struct nq__pwait {
+    nq_wait_t w;
+    struct nq_port *port;
+    uint32_t token;
+    uint32_t heap_index; /* in the deadline heap, or UINT32_MAX */
+    int64_t deadline_ns; /* absolute CLOCK_MONOTONIC, if heap_index is set */
+    nq_wait_cb cb;
+    void *data;
+    uint8_t cb_done;
+} nq__pwait_t;
+
+/* A port subscription: the queue's subscription, then the port's part. */
+typedef struct nq__psub {
+    nq_sub_t s;
+    _Atomic(struct nq_port *) port; /* read by wakers; NULL once the port is gone */
+    nq_waker_t user;                /* the caller's own waker, if any */
+    nq_sub_cb cb;
+    void *data;
+    uint32_t token;
+    uint8_t owned; /* the port closes it (the caller kept no pointer) */
+    uint8_t in_cb, close_deferred;
+} nq__psub_t;
 
 struct nq_port {
     int efd;
@@ -98,7 +124,7 @@ struct nq_port {
     NQ__CACHELINE_ALIGNED nq__pitem_t *items;
     uint32_t *free_tokens;
     uint32_t nfree;
-    nq_wait_t **heap; /* min-heap by deadline_ns */
+    nq__pwait_t **heap; /* min-heap by deadline_ns */
     uint32_t heap_len;
     /* Mirrors of live items and heap_len for nq_port_stats on any thread:
      * written here with relaxed stores, read relaxed (figures, not sync). */
@@ -165,7 +191,7 @@ int nq_port_new_sized(uint32_t max_items, nq_port_t **out) {
     p->max_items = max_items;
     p->items = nq__calloc(max_items, sizeof(*p->items));
     p->free_tokens = nq__malloc((size_t)max_items * sizeof(uint32_t));
-    p->heap = nq__malloc((size_t)max_items * sizeof(nq_wait_t *));
+    p->heap = nq__malloc((size_t)max_items * sizeof(nq__pwait_t *));
     int rc = NQ_ENOMEM;
     if (p->items == NULL || p->free_tokens == NULL || p->heap == NULL)
         goto fail;
@@ -276,18 +302,20 @@ nq_evq_t *nq__port_evq(nq_port_t *p) {
     return p->ready;
 }
 
-static void nq__port_wait_wake(void *ctx) {
-    nq_wait_t *w = ctx;
-    nq__port_signal(w->port, w->token);
+static void nq__pwait_wake(void *ctx) {
+    nq__pwait_t *pw = ctx;
+    nq__port_signal(pw->port, pw->token);
 }
 
-void nq__port_sub_wake(nq_sub_t *s) {
-    nq__sub_px_t *px = nq__sub_px(s);
-    if (px == NULL)
-        return;
-    nq_port_t *p = atomic_load_explicit(&px->port, memory_order_relaxed);
+static void nq__psub_wake(void *ctx) {
+    nq__psub_t *ps = ctx;
+    /* Relaxed: the port stores NULL, then quiesces the subscription (HELD
+     * orders a later waker after the store; an earlier one is waited for). */
+    nq_port_t *p = atomic_load_explicit(&ps->port, memory_order_relaxed);
     if (p != NULL)
-        nq__port_signal(p, px->token);
+        nq__port_signal(p, ps->token);
+    if (ps->user.wake != NULL)
+        ps->user.wake(ps->user.ctx);
 }
 
 /* --- tokens and the deadline heap (loop thread) -------------------------- */
@@ -311,13 +339,13 @@ static void nq__port_untoken(nq_port_t *p, uint32_t token) {
                           memory_order_relaxed);
 }
 
-static void nq__heap_set(nq_port_t *p, uint32_t i, nq_wait_t *w) {
+static void nq__heap_set(nq_port_t *p, uint32_t i, nq__pwait_t *w) {
     p->heap[i] = w;
     w->heap_index = i;
 }
 
 static void nq__heap_up(nq_port_t *p, uint32_t i) {
-    nq_wait_t *w = p->heap[i];
+    nq__pwait_t *w = p->heap[i];
     while (i > 0) {
         uint32_t parent = (i - 1) / 2;
         if (p->heap[parent]->deadline_ns <= w->deadline_ns)
@@ -329,7 +357,7 @@ static void nq__heap_up(nq_port_t *p, uint32_t i) {
 }
 
 static void nq__heap_down(nq_port_t *p, uint32_t i) {
-    nq_wait_t *w = p->heap[i];
+    nq__pwait_t *w = p->heap[i];
     for (;;) {
         uint32_t c = 2 * i + 1;
         if (c >= p->heap_len)
@@ -344,12 +372,12 @@ static void nq__heap_down(nq_port_t *p, uint32_t i) {
     nq__heap_set(p, i, w);
 }
 
-static void nq__heap_remove(nq_port_t *p, nq_wait_t *w) {
+static void nq__heap_remove(nq_port_t *p, nq__pwait_t *w) {
     uint32_t i = w->heap_index;
     if (i == UINT32_MAX)
         return;
     w->heap_index = UINT32_MAX;
-    nq_wait_t *last = p->heap[--p->heap_len];
+    nq__pwait_t *last = p->heap[--p->heap_len];
     atomic_store_explicit(&p->deadlines, p->heap_len, memory_order_relaxed);
     if (i == p->heap_len)
         return;
@@ -381,70 +409,70 @@ int nq_port_wait(nq_port_t *p, nq_queue_t *q, nq_handle_t h, uint64_t after,
     if (nq__port_token(p, &token) < 0)
         return NQ_ELIMIT;
     int rc = NQ_ENOMEM;
-    nq_wait_t *w = NULL;
-    if (nq__mem_reserve(q, sizeof(nq_wait_t)) < 0)
+    nq__pwait_t *pw = NULL;
+    if (nq__mem_reserve(q, sizeof(*pw)) < 0)
         goto fail;
-    w = nq__calloc(1, sizeof(*w));
-    if (w == NULL) {
-        nq__mem_release(q, sizeof(nq_wait_t));
+    pw = nq__calloc(1, sizeof(*pw));
+    if (pw == NULL) {
+        nq__mem_release(q, sizeof(*pw));
         goto fail;
     }
-    w->kind = NQ__WK_PORT;
-    w->port = p;
-    w->token = token;
-    w->cb = cb;
-    w->data = data;
-    w->heap_index = UINT32_MAX;
-    w->waker.wake = nq__port_wait_wake;
-    w->waker.ctx = w;
-    atomic_init(&w->state, NQ__W_PENDING);
-    atomic_init(&w->inflight, 0);
-    atomic_init(&w->refs, out != NULL ? 2 : 1);
+    nq__wait_init(&pw->w, NQ__WK_OWNED, (nq_waker_t){nq__pwait_wake, pw}, sizeof(*pw),
+                  out != NULL ? 2 : 1);
+    pw->w.wake_on_cancel = 1; /* the callback brings the user's cancel */
+    pw->port = p;
+    pw->token = token;
+    pw->cb = cb;
+    pw->data = data;
+    pw->heap_index = UINT32_MAX;
     p->items[token].kind = NQ__PI_WAIT;
-    p->items[token].obj = w;
-    rc = nq__wait_attach(q, h, after, w);
+    p->items[token].obj = pw;
+    rc = nq__wait_attach(q, h, after, &pw->w);
     if (rc < 0) {
-        nq__free(w);
-        nq__mem_release(q, sizeof(nq_wait_t));
+        nq__free(pw);
+        nq__mem_release(q, sizeof(*pw));
         goto fail;
     }
-    atomic_fetch_add_explicit(&q->refs, 1, memory_order_relaxed);
+    nq__queue_ref(q);
     atomic_fetch_add_explicit(&q->live_waits, 1, memory_order_relaxed);
     if (rc == 1) { /* due already: its callback runs in the next dispatch */
-        w->done_next = NULL;
-        nq__wait_run_wakers(w);
+        pw->w.done_next = NULL;
+        nq__wait_run_wakers(&pw->w);
     } else if (timeout_ms >= 0) {
         int64_t now = nq__now_ns();
-        w->deadline_ns = timeout_ms > (INT64_MAX - now) / 1000000 ? INT64_MAX
-                                                                  : now + timeout_ms * 1000000;
-        p->heap[p->heap_len++] = w;
+        pw->deadline_ns = timeout_ms > (INT64_MAX - now) / 1000000 ? INT64_MAX
+                                                                   : now + timeout_ms * 1000000;
+        p->heap[p->heap_len++] = pw;
         nq__heap_up(p, p->heap_len - 1);
         atomic_store_explicit(&p->deadlines, p->heap_len, memory_order_relaxed);
-        if (w->heap_index == 0 && p->deadline_cb != NULL)
+        if (pw->heap_index == 0 && p->deadline_cb != NULL)
             p->deadline_cb(p, p->deadline_data); /* the next deadline moved earlier */
     }
     if (out != NULL)
-        *out = w;
+        *out = &pw->w;
     return 0;
 fail:
     nq__port_untoken(p, token);
     return rc;
 }
 
-/* Runs w's callback once (it has completed), then drops the port's ref.
- * The waker that completed w may still be inside nq__port_signal: wait for
- * it, so no waker touches the port on w's behalf afterwards. */
-static void nq__port_finish_wait(nq_port_t *p, nq_wait_t *w) {
-    nq__wait_quiesce(w);
-    w->cb_done = 1;
-    nq__heap_remove(p, w);
-    nq__port_untoken(p, w->token);
+/* Runs pw's callback once (it has completed), then drops the port's ref.
+ * The waker that completed pw may still be inside nq__port_signal: wait for
+ * it, so no waker touches the port on pw's behalf afterwards. */
+static void nq__port_finish_wait(nq_port_t *p, nq__pwait_t *pw) {
+    nq__wait_quiesce(&pw->w);
+    pw->cb_done = 1;
+    nq__heap_remove(p, pw);
+    nq__port_untoken(p, pw->token);
     atomic_fetch_add_explicit(&p->callbacks, 1, memory_order_relaxed);
-    w->cb(w->data, w->status, w->status == 0 ? w->arg : 0);
-    nq__wait_unref(w);
+    int status = pw->w.status;
+    pw->cb(pw->data, status, status == 0 ? pw->w.arg : 0);
+    nq__wait_unref(&pw->w);
 }
 
 /* --- port subscriptions -------------------------------------------------- */
+
+static void nq__psub_close(nq_sub_t *s);
 
 int nq_port_subscribe(nq_port_t *p, nq_queue_t *q, nq_handle_t h, const nq_sub_opts_t *opts,
                       nq_sub_cb cb, void *data, nq_sub_t **out) {
@@ -457,63 +485,73 @@ int nq_port_subscribe(nq_port_t *p, nq_queue_t *q, nq_handle_t h, const nq_sub_o
     uint32_t token;
     if (nq__port_token(p, &token) < 0)
         return NQ_ELIMIT;
-    nq__sub_port_t pp = {p, token, cb, data, out == NULL};
     nq_sub_t *s;
-    int rc = nq__sub_new(q, h, opts, &pp, &s);
+    int rc = nq__sub_alloc(q, opts, sizeof(nq__psub_t), &s);
     if (rc < 0) {
         nq__port_untoken(p, token);
         return rc;
     }
+    nq__psub_t *ps = (nq__psub_t *)s;
+    atomic_init(&ps->port, p);
+    ps->user = s->waker;
+    s->waker = (nq_waker_t){nq__psub_wake, ps};
+    s->on_close = nq__psub_close;
+    ps->cb = cb;
+    ps->data = data;
+    ps->token = token;
+    ps->owned = out == NULL;
     p->items[token].kind = NQ__PI_SUB;
-    p->items[token].obj = s;
+    p->items[token].obj = ps;
+    rc = nq__sub_attach(s, h);
+    if (rc < 0) {
+        nq__sub_destroy(s);
+        nq__port_untoken(p, token);
+        return rc;
+    }
     if (out != NULL)
         *out = s;
     return 0;
 }
 
 /* nq_sub_close on a port subscription (on the port's thread). */
-void nq__port_sub_close(nq_sub_t *s) {
-    nq__sub_px_t *px = nq__sub_px(s);
-    nq_port_t *p = atomic_load_explicit(&px->port, memory_order_relaxed);
-    if (p != NULL && px->in_cb) {
-        px->close_deferred = 1; /* freed when its callback returns */
+static void nq__psub_close(nq_sub_t *s) {
+    nq__psub_t *ps = (nq__psub_t *)s;
+    nq_port_t *p = atomic_load_explicit(&ps->port, memory_order_relaxed);
+    if (p != NULL && ps->in_cb) {
+        ps->close_deferred = 1; /* freed when its callback returns */
         return;
     }
-    nq__sub_detach(s);
+    nq__sub_shutdown(s);
     if (p != NULL) {
-        atomic_store_explicit(&px->port, NULL, memory_order_relaxed);
-        nq__port_untoken(p, px->token);
+        atomic_store_explicit(&ps->port, NULL, memory_order_relaxed);
+        nq__port_untoken(p, ps->token);
     }
     nq__sub_destroy(s);
 }
 
-/* Has the owner received NQ_ECLOSED from s yet? */
-static int nq__sub_told_closed(nq_sub_t *s) {
-    nq__lock(&s->lock);
-    int told = s->told_closed;
-    nq__unlock(&s->lock);
-    return told;
+/* Does s need its callback: args held, or closed and its owner not yet told
+ * (like EOF on a level-triggered socket)? */
+static int nq__psub_due(nq_sub_t *s) {
+    return nq__sub_has_args(s) || nq__sub_closed_untold(s);
 }
 
-static int nq__port_run_sub(nq_port_t *p, nq_sub_t *s) {
-    uint32_t ready = atomic_load_explicit(&s->ready, memory_order_acquire);
-    if (ready == 0 || (!(ready & 1u) && nq__sub_told_closed(s)))
+static int nq__port_run_sub(nq_port_t *p, nq__psub_t *ps) {
+    nq_sub_t *s = &ps->s;
+    if (!nq__psub_due(s))
         return 0; /* spurious, or closed, drained and already told */
-    nq__sub_px_t *px = nq__sub_px(s);
-    px->in_cb = 1;
+    ps->in_cb = 1;
     atomic_fetch_add_explicit(&p->callbacks, 1, memory_order_relaxed);
-    px->cb(s, px->data);
-    px->in_cb = 0;
-    if (px->close_deferred) {
-        nq__port_sub_close(s);
+    ps->cb(s, ps->data);
+    ps->in_cb = 0;
+    if (ps->close_deferred) {
+        nq__psub_close(s);
         return 1;
     }
-    /* Level-triggered: again in a later dispatch while it holds args, or is
-     * closed and its owner has not yet received NQ_ECLOSED (like EOF on a
-     * level-triggered socket). */
-    ready = atomic_load_explicit(&s->ready, memory_order_acquire);
-    if ((ready & 1u) || ((ready & 2u) && !nq__sub_told_closed(s)))
-        nq_evq_notify(p->ready, px->token);
+    /* Level-triggered: again in a later dispatch while it is due. Empty:
+     * arm its wake-up (a callback that drained it exactly may not have),
+     * and look again, since an arg may have come before the arm. */
+    if (!nq__sub_arm_if_empty(s) && nq__psub_due(s))
+        nq_evq_notify(p->ready, ps->token);
     return 1;
 }
 
@@ -522,11 +560,12 @@ static int nq__port_run_sub(nq_port_t *p, nq_sub_t *s) {
 static int nq__port_run(nq_port_t *p, uint32_t token) {
     nq__pitem_t *it = &p->items[token];
     if (it->kind == NQ__PI_WAIT) {
-        nq_wait_t *w = it->obj;
+        nq__pwait_t *pw = it->obj;
         /* Acquire pairs with the completer's store of DONE. */
-        if (atomic_load_explicit(&w->state, memory_order_acquire) == NQ__W_PENDING || w->cb_done)
+        if (atomic_load_explicit(&pw->w.state, memory_order_acquire) == NQ__W_PENDING ||
+            pw->cb_done)
             return 0; /* a stale token */
-        nq__port_finish_wait(p, w);
+        nq__port_finish_wait(p, pw);
         return 1;
     }
     if (it->kind == NQ__PI_SUB)
@@ -544,9 +583,9 @@ static int nq__port_expire(nq_port_t *p, unsigned limit) {
      * the waits left stay in the heap for the next dispatch. */
     while (p->heap_len > 0 && p->heap[0]->deadline_ns <= now && !p->detached_in_dispatch &&
            !p->free_deferred && (limit == 0 || (unsigned)ran < limit)) {
-        nq_wait_t *w = p->heap[0];
+        nq__pwait_t *w = p->heap[0];
         nq__heap_remove(p, w);
-        if (nq__wait_cancel_by_port(w, NQ_ETIMEDOUT) == 0) {
+        if (nq__wait_cancel_as(&w->w, NQ_ETIMEDOUT, 0) == 0) {
             atomic_fetch_add_explicit(&p->deadlines_expired, 1, memory_order_relaxed);
             nq__port_finish_wait(p, w); /* its token, if queued, is now stale */
             ran++;
@@ -713,22 +752,21 @@ static void nq__port_destroy(nq_port_t *p) {
     for (uint32_t t = 0; t < p->max_items; t++) {
         if (p->items[t].kind != NQ__PI_WAIT)
             continue;
-        nq_wait_t *w = p->items[t].obj;
-        nq__wait_cancel_by_port(w, NQ_ECANCELED);
+        nq__pwait_t *w = p->items[t].obj;
+        nq__wait_cancel_as(&w->w, NQ_ECANCELED, 0);
         nq__port_finish_wait(p, w);
     }
     for (uint32_t t = 0; t < p->max_items; t++) {
         if (p->items[t].kind != NQ__PI_SUB)
             continue;
-        nq_sub_t *s = p->items[t].obj;
-        /* Unhook the port under the sub's lock, then wait for wakers that
-         * may still be signalling it. */
-        nq__lock(&s->lock);
-        atomic_store_explicit(&nq__sub_px(s)->port, NULL, memory_order_relaxed);
-        nq__unlock(&s->lock);
+        nq__psub_t *ps = p->items[t].obj;
+        nq_sub_t *s = &ps->s;
+        /* Unhook the port, then wait for wakers that may still be
+         * signalling it (nq__psub_wake). */
+        atomic_store_explicit(&ps->port, NULL, memory_order_relaxed);
         nq__port_untoken(p, t);
-        if (nq__sub_px(s)->owned) {
-            nq__sub_detach(s);
+        if (ps->owned) {
+            nq__sub_shutdown(s);
             nq__sub_destroy(s);
         } else {
             nq__sub_quiesce(s); /* the user still holds it: nq_sub_close it later */

@@ -1,45 +1,63 @@
 /* Bounded subscriptions: every notification on a handle, up to `capacity`
  * unread args, with exact drop accounting.
  *
- * The ring holds exactly `capacity` args (no rounding): stored + dropped ==
- * notifications sent to the subscription, and delivered + held == stored.
- * Producers push under the handle slot's lock and the subscription's lock;
- * receivers pop under the subscription's lock only, so a receiver never
- * blocks a producer of another handle, and a full subscription costs its
- * producers one comparison and a counter.
+ * The ring: `capacity` cells (exact, no rounding); position p (the p-th arg
+ * stored) lives in cell p % capacity. The producer side (line 1 of struct
+ * nq_sub) is written only by the holder of the handle's HELD, so there is
+ * one writer at a time, and HELD's acquire/release orders one writer after
+ * the previous. The receiver side (line 2) is written only by receivers,
+ * which exclude each other with rstate's BUSY bit, never with anything a
+ * producer takes.
  *
- * Wake-up protocol of a blocked nq_sub_recv (park.h draws it):
- *   producer (push)                          receiver (nq_sub_recv)
- *   ready |= 1 on empty -> non-empty         park_prepare           (seq_cst, P)
- *            (seq_cst, W), under lock        ready != 0 ?           (seq_cst, L)
- *   unlock; nq__park_wake                      yes: cancel park; pop
- *                                              no:  futex_wait until deadline
- * The user's waker is called on the same transitions (empty -> non-empty, and
- * closed), after every lock is released.
+ * Invariants:
+ *   S1  tail / 2 = positions stored; head = positions consumed (received or
+ *       skipped); head <= tail / 2.
+ *   S2  drop-newest: tail / 2 - head <= capacity. The producer stores only
+ *       when tail / 2 - head_cache < capacity, head_cache being a head it read
+ *       with acquire (pairs with the receiver's release store of head, so the
+ *       cell it reuses was read before), refreshed only when it looks full.
+ *       A refused arg counts in `rejected`.
+ *   S3  drop-oldest: the producer never waits. Before writing position t it
+ *       stores tail = 2t + 1 (a claim, relaxed), then the cell (release),
+ *       then tail = 2t + 2 (release). A receiver copies cells with acquire
+ *       loads, then reloads tail: a copy that read an overwriting push's
+ *       cell store sees that push's claim, so a cell it copied that a later
+ *       position overwrote is one whose position p is below claimed -
+ *       capacity, claimed = (tail + 1) / 2; such copies are discarded and
+ *       counted as skipped, and the receiver jumps to the oldest position
+ *       still held. (A cell is one 8-byte atomic: never torn.)
+ *   S4  Exact accounting, per subscription:
+ *         sent = tail / 2 + rejected
+ *         held = min(tail / 2 - head, capacity)
+ *         dropped = rejected + skipped + (tail / 2 - head - held)
+ *         received = head - skipped
+ *       so received + dropped + held == sent, derived with no producer cost
+ *       beyond the stores above.
  *
- * Invariant of `ready`, on which the lock-free empty receive rests
- * (nq__sub_idle): DATA is set, under the lock, by the push that makes the
- * ring non-empty and cleared, under the lock, only by the pop that empties
- * it; CLOSED is set on every close and never cleared. So outside the lock
- * ready == 0 exactly when the ring is empty and the subscription open.
+ * Wake-up protocol (the receiver arms, the producer takes):
+ *   receiver, about to sleep or finding          producer, holding HELD
+ *   the ring empty with a waker to call          (after its push)
+ *     [park_prepare, if it will sleep]             if armed: armed = 0,
+ *     take HELD; armed = 1; release HELD             inflight++, owe a wake
+ *     re-check tail (acquire)                      release HELD
+ *     empty: sleep / return EAGAIN                 wake: park_wake, waker()
+ *     not:   take the args                         inflight--
+ *   No lost wake-up: the arm and every push are ordered by HELD. A push
+ *   before the arm released HELD before the receiver took it, so the
+ *   re-check sees its tail; a push after it finds armed set. The producer's
+ *   park_wake happens after the receiver's park_prepare (HELD orders them).
+ *   Under load the receiver never finds the ring empty, never arms, and no
+ *   producer makes a wake-up. A waker runs at most once per arm: once per
+ *   empty -> non-empty transition that its receiver observed (a receive
+ *   that found the ring empty, or left it so), and once on close.
  */
-#include <sched.h>
 #include <string.h>
 
-#include "core/queue.h"
+#include "core/sub.h"
 
-#define NQ__READY_DATA 1u
-#define NQ__READY_CLOSED 2u
+#define NQ__SUB_SPINS 64 /* re-checks a blocked receive makes before it arms and sleeps */
 
-/* What a subscription allocates (queue.h: struct nq_sub): the struct, with
- * the port part for a port subscription, and the ring. */
-static size_t nq__sub_bytes(uint32_t capacity, int port) {
-    return sizeof(nq_sub_t) + (size_t)capacity * sizeof(int64_t) +
-           (port ? sizeof(nq__sub_px_t) : 0);
-}
-
-int nq__sub_new(nq_queue_t *q, nq_handle_t h, const nq_sub_opts_t *opts,
-                const nq__sub_port_t *pp, nq_sub_t **out) {
+int nq__sub_alloc(nq_queue_t *q, const nq_sub_opts_t *opts, size_t bytes, nq_sub_t **out) {
     nq_sub_opts_t o;
     if (opts != NULL)
         o = *opts;
@@ -50,67 +68,74 @@ int nq__sub_new(nq_queue_t *q, nq_handle_t h, const nq_sub_opts_t *opts,
     uint32_t cap = o.capacity ? o.capacity : q->cfg.default_capacity;
     if (cap > q->cfg.max_capacity)
         return NQ_EINVAL;
-
-    size_t bytes = nq__sub_bytes(cap, pp != NULL);
-    if (nq__mem_reserve(q, bytes) < 0)
+    size_t total = bytes + (size_t)cap * sizeof(int64_t);
+    if (nq__mem_reserve(q, total) < 0)
         return NQ_ENOMEM;
-    nq_sub_t *s = nq__calloc(1, sizeof(*s) + (pp != NULL ? sizeof(nq__sub_px_t) : 0));
-    int64_t *ring = nq__malloc((size_t)cap * sizeof(int64_t));
+    nq_sub_t *s = nq__aligned_alloc(NQ__CACHELINE, bytes);
+    _Atomic int64_t *ring = nq__malloc((size_t)cap * sizeof(int64_t));
     size_t hint_bytes = 0;
     char *hint = nq__hint_dup(q, o.debug_hint, &hint_bytes);
-    int rc = 0;
     if (s == NULL || ring == NULL ||
         (o.debug_hint != NULL && o.debug_hint[0] != '\0' && hint == NULL)) {
-        rc = NQ_ENOMEM;
-        goto fail;
+        nq__hint_free(q, hint);
+        nq__free(ring);
+        nq__free(s);
+        nq__mem_release(q, total);
+        return NQ_ENOMEM;
     }
+    memset(s, 0, bytes);
     s->q = q;
-    s->capacity = cap;
-    s->overflow = (uint8_t)o.overflow;
-    s->waker = o.waker;
     s->ring = ring;
+    atomic_init(&s->tail, 0);
+    atomic_init(&s->rejected, 0);
     s->hint = hint;
-    if (pp != NULL) {
-        s->port_sub = 1;
-        nq__sub_px_t *px = nq__sub_px(s);
-        atomic_init(&px->port, pp->port);
-        px->token = pp->token;
-        px->cb = pp->cb;
-        px->data = pp->data;
-        px->owned = pp->owned;
-    }
-    atomic_init(&s->ready, 0);
-    atomic_init(&s->receiving, 0);
+    s->capacity = cap;
     atomic_init(&s->inflight, 0);
-    atomic_init(&s->dropped, 0);
-    atomic_init(&s->stored, 0);
-    nq__lock_init(&s->lock);
+    s->overflow = (uint8_t)o.overflow;
+    atomic_init(&s->armed, 0);
+    atomic_init(&s->closed, 0);
+    atomic_init(&s->head, 0);
+    atomic_init(&s->skipped, 0);
+    s->waker = o.waker;
+    atomic_init(&s->rstate, 0);
     nq__park_init(&s->park);
+    s->bytes = (uint32_t)bytes;
+    *out = s;
+    return 0;
+}
 
-    /* The slot's array of subscribers grows by doubling, from 2, up to
-     * max_subscribers_per_handle. A larger array is allocated outside the
-     * slot's lock and swapped in under it (notifiers read the array only
-     * under that lock); the one it replaces is freed after the unlock. */
+int nq__sub_attach(nq_sub_t *s, nq_handle_t h) {
+    nq_queue_t *q = s->q;
+    uint32_t index, id = nq__h_id(h);
+    nq__hslot_t *slot = nq__slot_of(q, h, &index);
+    if (slot == NULL)
+        return NQ_EBADH;
+    nq__hcold_t *cold = nq__slot_cold(q, index);
+    /* The handle's array of subscribers grows by doubling, from 2, up to
+     * max_subscribers_per_handle. A larger array is allocated outside HELD
+     * and swapped in under it (producers read the array only under HELD);
+     * the one it replaces is freed after the release. */
     nq_sub_t **stale = NULL;
     size_t stale_bytes = 0;
-    int err;
-    nq__hslot_t *slot = nq__slot_lock(q, h, &err);
-    if (slot == NULL) {
-        rc = err;
-        goto fail;
-    }
-    while (slot->nsubs >= slot->subs_cap) {
-        uint32_t max = q->cfg.max_subscribers_per_handle;
-        uint32_t old_cap = slot->subs_cap;
+    int rc = 0;
+    uint64_t w;
+    for (;;) {
+        w = nq__hold(slot, id);
+        if (w == 0) {
+            rc = NQ_EBADH;
+            break;
+        }
+        if (slot->nsubs < cold->subs_cap)
+            break;
+        uint32_t max = q->cfg.max_subscribers_per_handle, old_cap = cold->subs_cap;
+        nq__release(slot, w);
         if (old_cap >= max) {
-            nq__unlock(&slot->lock);
             rc = NQ_ELIMIT;
-            goto fail_arr;
+            break;
         }
         uint32_t new_cap = old_cap == 0 ? 2 : old_cap * 2;
         if (new_cap > max)
             new_cap = max;
-        nq__unlock(&slot->lock);
         nq__free(stale);
         nq__mem_release(q, stale_bytes);
         stale = NULL;
@@ -118,54 +143,47 @@ int nq__sub_new(nq_queue_t *q, nq_handle_t h, const nq_sub_opts_t *opts,
         size_t nb = (size_t)new_cap * sizeof(nq_sub_t *);
         if (nq__mem_reserve(q, nb) < 0) {
             rc = NQ_ENOMEM;
-            goto fail;
+            break;
         }
         nq_sub_t **arr = nq__malloc(nb);
         if (arr == NULL) {
             nq__mem_release(q, nb);
             rc = NQ_ENOMEM;
-            goto fail;
+            break;
         }
-        slot = nq__slot_lock(q, h, &err);
-        if (slot == NULL) {
+        w = nq__hold(slot, id);
+        if (w == 0) {
             nq__free(arr);
             nq__mem_release(q, nb);
-            rc = err;
-            goto fail;
+            rc = NQ_EBADH;
+            break;
         }
-        if (slot->subs_cap == old_cap) { /* nobody grew it meanwhile */
-            nq__hcold_t *cold = nq__slot_cold(q, (uint32_t)h - 1);
+        if (cold->subs_cap == old_cap) { /* nobody grew it meanwhile */
             if (slot->nsubs > 0)
                 memcpy(arr, cold->subs, (size_t)slot->nsubs * sizeof(nq_sub_t *));
             stale = cold->subs;
             stale_bytes = (size_t)old_cap * sizeof(nq_sub_t *);
             cold->subs = arr; /* kept with the slot until the queue is freed */
-            slot->subs_cap = (uint16_t)new_cap;
+            cold->subs_cap = (uint16_t)new_cap;
         } else {
             stale = arr; /* another subscribe grew it first: ours goes */
             stale_bytes = nb;
         }
+        nq__release(slot, w);
     }
-    s->index = (uint32_t)h - 1;
-    s->gen = (uint32_t)(h >> 32);
-    s->attached = 1;
-    nq__slot_cold(q, s->index)->subs[slot->nsubs++] = s;
-    nq__unlock(&slot->lock);
+    if (rc == 0) {
+        s->index = index;
+        s->id = id;
+        s->attached = 1;
+        if (s->waker.wake != NULL) /* a waker is owed the first arg */
+            atomic_store_explicit(&s->armed, 1, memory_order_relaxed);
+        cold->subs[slot->nsubs++] = s;
+        nq__release(slot, w | NQ__W_RECV);
+        nq__queue_ref(q);
+        atomic_fetch_add_explicit(&q->live_subs, 1, memory_order_relaxed);
+    }
     nq__free(stale);
     nq__mem_release(q, stale_bytes);
-    atomic_fetch_add_explicit(&q->refs, 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&q->live_subs, 1, memory_order_relaxed);
-    *out = s;
-    return 0;
-
-fail_arr:
-    nq__free(stale);
-    nq__mem_release(q, stale_bytes);
-fail:
-    nq__hint_free(q, hint);
-    nq__free(ring);
-    nq__free(s);
-    nq__mem_release(q, bytes);
     return rc;
 }
 
@@ -173,119 +191,243 @@ int nq_subscribe(nq_queue_t *q, nq_handle_t h, const nq_sub_opts_t *opts, nq_sub
     if (q == NULL || out == NULL)
         return NQ_EINVAL;
     *out = NULL;
-    return nq__sub_new(q, h, opts, NULL, out);
+    nq_sub_t *s;
+    int rc = nq__sub_alloc(q, opts, sizeof(*s), &s);
+    if (rc < 0)
+        return rc;
+    rc = nq__sub_attach(s, h);
+    if (rc < 0) {
+        nq__sub_destroy(s);
+        return rc;
+    }
+    *out = s;
+    return 0;
 }
 
-/* Under the slot lock. Returns 1 if arg was stored; sets *wake to s when the
- * push made s non-empty and a waker call is owed (counted in inflight). */
-int nq__sub_push_locked(nq_sub_t *s, int64_t arg, nq_sub_t **wake) {
-    int stored = 1;
-    nq__lock_polite(&s->lock); /* a receiver waiting gets the next turn */
-    uint32_t was = s->count;
-    if (was < s->capacity) {
-        uint32_t i = s->head + was;
-        if (i >= s->capacity)
-            i -= s->capacity;
-        s->ring[i] = arg;
-        s->count = was + 1;
-    } else if (s->overflow == NQ_DROP_NEWEST) {
-        stored = 0;
-    } else { /* NQ_DROP_OLDEST: overwrite the oldest unread */
-        s->ring[s->head] = arg;
-        if (++s->head == s->capacity)
-            s->head = 0;
-    }
-    if (stored)
-        atomic_store_explicit(&s->stored, atomic_load_explicit(&s->stored, memory_order_relaxed) + 1,
-                              memory_order_relaxed);
-    if (!stored || was == s->capacity) /* something was lost */
-        atomic_store_explicit(&s->dropped,
-                              atomic_load_explicit(&s->dropped, memory_order_relaxed) + 1,
-                              memory_order_relaxed);
-    if (was == 0) {
-        /* W: seq_cst pairs with the receiver's load of ready (L). */
-        atomic_fetch_or_explicit(&s->ready, NQ__READY_DATA, memory_order_seq_cst);
-        atomic_fetch_add_explicit(&s->inflight, 1, memory_order_relaxed);
-        *wake = s;
-    }
-    nq__unlock(&s->lock);
-    return stored;
-}
+/* --- producer side (under HELD) ---------------------------------------- */
 
-/* Leaving the handle: its counts move to the queue's totals, so stats do
- * not drop while it waits to be closed. Under the slot lock and q->lock
- * (nq_queue_stats reads both sides under q->lock). No push follows. */
-static void nq__sub_account_locked(nq_sub_t *s) {
+/* Leaving the handle: its counts move to the queue's totals, so the
+ * queue's stats do not drop. Under HELD and q->lock (stats read both sides
+ * under q->lock). No push follows. */
+static void nq__sub_account_held(nq_sub_t *s) {
     nq_queue_t *q = s->q;
-    atomic_fetch_add_explicit(&q->drops_gone, atomic_load_explicit(&s->dropped, memory_order_relaxed),
-                              memory_order_relaxed);
-    atomic_fetch_add_explicit(&q->stored_gone, atomic_load_explicit(&s->stored, memory_order_relaxed),
-                              memory_order_relaxed);
+    atomic_fetch_add_explicit(&q->drops_gone, nq__sub_dropped(s), memory_order_relaxed);
+    atomic_fetch_add_explicit(&q->stored_gone, nq__sub_stored(s), memory_order_relaxed);
 }
 
-/* Under the slot lock and q->lock (nq_unregister): the handle is gone. */
-void nq__sub_close_locked(nq_sub_t *s, nq_sub_t **wake) {
-    nq__lock(&s->lock);
-    nq__sub_account_locked(s);
-    s->closed = 1;
+void nq__sub_close_held(nq_sub_t *s, nq_sub_t **wake, unsigned *nwake) {
+    nq__sub_account_held(s);
     s->attached = 0;
-    atomic_fetch_or_explicit(&s->ready, NQ__READY_CLOSED, memory_order_seq_cst);
-    atomic_fetch_add_explicit(&s->inflight, 1, memory_order_relaxed);
-    *wake = s;
-    nq__unlock(&s->lock);
+    atomic_store_explicit(&s->armed, 0, memory_order_relaxed);
+    /* Release: a receiver that sees closed sees every push before it. */
+    atomic_store_explicit(&s->closed, 1, memory_order_release);
+    nq__sub_owe_wake(s, wake, nwake);
 }
 
-/* Outside every lock: wake a blocked receiver, then the user's waker. */
-void nq__sub_run_waker(nq_sub_t *s) {
-    nq__park_wake(&s->park);
-    nq__port_sub_wake(s);
-    if (s->waker.wake != NULL)
-        s->waker.wake(s->waker.ctx);
-    /* Release pairs with the acquire in nq__sub_quiesce. */
-    atomic_fetch_sub_explicit(&s->inflight, 1, memory_order_release);
-}
-
-static int nq__sub_pop_locked(nq_sub_t *s, int64_t *args, size_t n) {
-    size_t k = 0;
-    while (k < n && s->count > 0) {
-        args[k++] = s->ring[s->head];
-        if (++s->head == s->capacity)
-            s->head = 0;
-        s->count--;
+void nq__sub_run_wakers(nq_sub_t **wake, unsigned nwake) {
+    for (unsigned i = 0; i < nwake; i++) {
+        nq_sub_t *s = wake[i];
+        nq__park_wake(&s->park);
+        if (s->waker.wake != NULL)
+            s->waker.wake(s->waker.ctx);
+        /* Release pairs with the acquire in nq__sub_quiesce. */
+        atomic_fetch_sub_explicit(&s->inflight, 1, memory_order_release);
     }
-    if (s->count == 0 && k > 0)
-        atomic_fetch_and_explicit(&s->ready, ~NQ__READY_DATA, memory_order_relaxed);
-    return (int)k;
 }
 
-/* Empty and open, without taking the lock: a receiver polling an empty
- * subscription then leaves its lock's cache line to the producers. ready's
- * DATA bit is set by every push that makes the ring non-empty, before its
- * lock is released, and cleared only by the pop that empties it; CLOSED is
- * never cleared. So ready == 0 means the ring was empty and the
- * subscription open at this load (a push still under its lock is not done
- * yet). Acquire, though no data is read on this path: it orders the load
- * after whatever the caller acquired that told it to look (a waker's
- * signal), which happens after the push's fetch_or. */
-static inline int nq__sub_idle(nq_sub_t *s) {
-    return atomic_load_explicit(&s->ready, memory_order_acquire) == 0;
+/* --- figures ------------------------------------------------------------ */
+
+uint64_t nq__sub_stored(const nq_sub_t *s) {
+    return atomic_load_explicit(&((nq_sub_t *)s)->tail, memory_order_relaxed) >> 1;
+}
+
+uint64_t nq__sub_held(const nq_sub_t *s) {
+    nq_sub_t *m = (nq_sub_t *)s;
+    uint64_t h = atomic_load_explicit(&m->head, memory_order_relaxed);
+    uint64_t t = atomic_load_explicit(&m->tail, memory_order_relaxed) >> 1;
+    uint64_t n = t > h ? t - h : 0;
+    return n < s->capacity ? n : s->capacity;
+}
+
+uint64_t nq__sub_dropped(const nq_sub_t *s) {
+    nq_sub_t *m = (nq_sub_t *)s;
+    /* Relaxed: figures (S4). head before skipped: the receiver stores
+     * skipped first, so a skip is not missed (it may be seen twice while
+     * the receiver runs, never once producers and receiver are quiet). */
+    uint64_t h = atomic_load_explicit(&m->head, memory_order_relaxed);
+    uint64_t sk = atomic_load_explicit(&m->skipped, memory_order_relaxed);
+    uint64_t t = atomic_load_explicit(&m->tail, memory_order_relaxed) >> 1;
+    uint64_t over = t > h + s->capacity ? t - h - s->capacity : 0;
+    return atomic_load_explicit(&m->rejected, memory_order_relaxed) + sk + over;
+}
+
+uint64_t nq_sub_dropped(const nq_sub_t *s) {
+    return s == NULL ? 0 : nq__sub_dropped(s);
+}
+
+/* --- receiver side ------------------------------------------------------ */
+
+/* Enters a receive: 0, or NQ_ECLOSED while nq_sub_close runs. Receivers
+ * exclude each other (several threads may share one subscription); a
+ * receive holds BUSY for a bounded copy, never while it sleeps. */
+static int nq__sub_enter(nq_sub_t *s) {
+    unsigned v = atomic_load_explicit(&s->rstate, memory_order_relaxed);
+    for (unsigned i = 0;; i++) {
+        if (v & NQ__R_CLOSING)
+            return NQ_ECLOSED;
+        /* Acquire pairs with nq__sub_leave: the last receiver's head. */
+        if (!(v & NQ__R_BUSY) &&
+            atomic_compare_exchange_weak_explicit(&s->rstate, &v, v | NQ__R_BUSY,
+                                                  memory_order_acquire, memory_order_relaxed))
+            return 0;
+        if (v & NQ__R_BUSY) {
+            nq__spin_pause(i);
+            v = atomic_load_explicit(&s->rstate, memory_order_relaxed);
+        }
+    }
+}
+
+static void nq__sub_leave(nq_sub_t *s, unsigned set) {
+    /* An RMW: nq_sub_close and a blocked receive set bits meanwhile. */
+    if (set)
+        atomic_fetch_or_explicit(&s->rstate, set, memory_order_relaxed);
+    atomic_fetch_and_explicit(&s->rstate, ~NQ__R_BUSY, memory_order_release);
+}
+
+static inline uint32_t nq__sub_idx(const nq_sub_t *s, uint64_t pos) {
+    return (uint32_t)(pos % s->capacity);
+}
+
+/* Takes up to n args (inside enter/leave). */
+static size_t nq__sub_take(nq_sub_t *s, int64_t *out, size_t n) {
+    const uint64_t cap = s->capacity;
+    uint64_t h = atomic_load_explicit(&s->head, memory_order_relaxed); /* ours */
+    uint64_t h0 = h, skipped = 0;
+    uint32_t hi = s->hidx;
+    size_t k = 0;
+    while (k < n) {
+        /* Acquire pairs with the producer's release of tail (S1). */
+        uint64_t t = atomic_load_explicit(&s->tail, memory_order_acquire) >> 1;
+        if (t == h)
+            break;
+        if (t - h > cap) { /* S3: lapped while we were away */
+            skipped += t - cap - h;
+            h = t - cap;
+            hi = nq__sub_idx(s, h);
+        }
+        size_t m = t - h < n - k ? (size_t)(t - h) : n - k;
+        /* Acquire (drop-oldest): a copy that read an overwriting push's
+         * release store of the cell sees that push's claim below (S3). */
+        const memory_order mo =
+            s->overflow == NQ_DROP_OLDEST ? memory_order_acquire : memory_order_relaxed;
+        for (size_t j = 0; j < m; j++) {
+            out[k + j] = atomic_load_explicit(&s->ring[hi], mo);
+            hi = hi + 1 == cap ? 0 : hi + 1;
+        }
+        if (s->overflow == NQ_DROP_OLDEST) {
+            /* S3: which copies may a producer have overwritten meanwhile? */
+            uint64_t claimed = (atomic_load_explicit(&s->tail, memory_order_relaxed) + 1) >> 1;
+            if (claimed > h + cap) {
+                uint64_t bad = claimed - cap - h; /* positions h .. h + bad - 1 */
+                if (bad >= m) {
+                    skipped += bad;
+                    h += bad;
+                    hi = nq__sub_idx(s, h);
+                    continue;
+                }
+                memmove(out + k, out + k + bad, (m - bad) * sizeof(*out));
+                skipped += bad;
+                h += m;
+                k += m - bad;
+                continue;
+            }
+        }
+        h += m;
+        k += m;
+    }
+    if (h != h0) {
+        s->hidx = hi;
+        if (skipped)
+            atomic_store_explicit(&s->skipped,
+                                  atomic_load_explicit(&s->skipped, memory_order_relaxed) +
+                                      skipped,
+                                  memory_order_relaxed);
+        /* Release pairs with the producer's acquire of head (S2): our reads
+         * of the cells come before it reuses them. */
+        atomic_store_explicit(&s->head, h, memory_order_release);
+    }
+    return k;
+}
+
+int nq__sub_has_args(nq_sub_t *s) {
+    return (atomic_load_explicit(&s->tail, memory_order_acquire) >> 1) !=
+           atomic_load_explicit(&s->head, memory_order_relaxed);
+}
+
+int nq__sub_closed_untold(nq_sub_t *s) {
+    return atomic_load_explicit(&s->closed, memory_order_acquire) &&
+           !(atomic_load_explicit(&s->rstate, memory_order_relaxed) & NQ__R_TOLD);
+}
+
+/* Arms a wake-up (see the protocol at the top): 1 if armed and s is still
+ * empty and open, 0 if it holds args or is closed. */
+static int nq__sub_arm(nq_sub_t *s) {
+    if (!atomic_load_explicit(&s->armed, memory_order_relaxed)) {
+        nq__hslot_t *slot = nq__slot_at(s->q, s->index);
+        uint64_t w = nq__hold(slot, s->id);
+        if (w == 0)
+            return 0; /* the handle is gone: s is closed (or closing) */
+        int attached = s->attached;
+        if (attached)
+            atomic_store_explicit(&s->armed, 1, memory_order_relaxed);
+        nq__release(slot, w);
+        if (!attached)
+            return 0;
+    }
+    return !nq__sub_has_args(s) && !atomic_load_explicit(&s->closed, memory_order_acquire);
+}
+
+int nq__sub_arm_if_empty(nq_sub_t *s) {
+    if (nq__sub_has_args(s) || atomic_load_explicit(&s->closed, memory_order_acquire))
+        return 0;
+    return nq__sub_arm(s);
+}
+
+/* One non-blocking receive of up to n args: the count (>= 1), NQ_EAGAIN
+ * or NQ_ECLOSED. A receive that finds s empty arms its waker, if any. */
+static int nq__sub_recv_some(nq_sub_t *s, int64_t *out, size_t n) {
+    int rc = nq__sub_enter(s);
+    if (rc < 0)
+        return rc;
+    size_t k = nq__sub_take(s, out, n);
+    unsigned told = 0;
+    if (k == 0) {
+        /* Acquire pairs with the release of closed: every push before the
+         * close is visible to the second look. */
+        if (atomic_load_explicit(&s->closed, memory_order_acquire)) {
+            k = nq__sub_take(s, out, n);
+            if (k == 0) {
+                told = NQ__R_TOLD;
+                rc = NQ_ECLOSED;
+            }
+        } else if (s->waker.wake != NULL && !nq__sub_arm(s)) {
+            k = nq__sub_take(s, out, n); /* came in while we armed */
+        }
+    } else if (s->waker.wake != NULL && !nq__sub_has_args(s)) {
+        (void)nq__sub_arm(s); /* we emptied it: the next arg wakes the owner */
+    }
+    nq__sub_leave(s, told);
+    if (rc < 0)
+        return rc;
+    return k > 0 ? (int)k : NQ_EAGAIN;
 }
 
 int nq_sub_try_recv(nq_sub_t *s, int64_t *arg) {
     if (s == NULL)
         return NQ_EINVAL;
-    if (nq__sub_idle(s))
-        return NQ_EAGAIN;
     int64_t tmp;
-    nq__lock(&s->lock);
-    int n = nq__sub_pop_locked(s, arg != NULL ? arg : &tmp, 1);
-    int closed = s->closed;
-    if (n == 0 && closed)
-        s->told_closed = 1;
-    nq__unlock(&s->lock);
-    if (n == 1)
-        return 0;
-    return closed ? NQ_ECLOSED : NQ_EAGAIN;
+    int rc = nq__sub_recv_some(s, arg != NULL ? arg : &tmp, 1);
+    return rc > 0 ? 0 : rc;
 }
 
 int nq_sub_recv_batch(nq_sub_t *s, int64_t *args, size_t n) {
@@ -293,40 +435,43 @@ int nq_sub_recv_batch(nq_sub_t *s, int64_t *args, size_t n) {
         return NQ_EINVAL;
     if (n > INT32_MAX)
         n = INT32_MAX;
-    if (nq__sub_idle(s))
-        return 0;
-    nq__lock(&s->lock);
-    int k = nq__sub_pop_locked(s, args, n);
-    int closed = s->closed;
-    if (k == 0 && closed)
-        s->told_closed = 1;
-    nq__unlock(&s->lock);
-    if (k == 0 && closed)
-        return NQ_ECLOSED;
-    return k;
+    int rc = nq__sub_recv_some(s, args, n);
+    return rc == NQ_EAGAIN ? 0 : rc;
 }
 
 int nq_sub_recv(nq_sub_t *s, int64_t timeout_ns, int64_t *arg) {
     if (s == NULL)
         return NQ_EINVAL;
-    int rc = nq_sub_try_recv(s, arg);
-    if (rc != NQ_EAGAIN || timeout_ns == 0)
-        return rc == NQ_EAGAIN ? NQ_ETIMEDOUT : rc;
-    /* One blocked receiver at a time: the park word has one sleeper. */
-    if (atomic_exchange_explicit(&s->receiving, 1, memory_order_acquire))
+    int64_t tmp, *out = arg != NULL ? arg : &tmp;
+    int rc;
+    if (timeout_ns == 0) {
+        rc = nq__sub_recv_some(s, out, 1);
+        return rc == NQ_EAGAIN ? NQ_ETIMEDOUT : rc > 0 ? 0 : rc;
+    }
+    /* BLOCKED from the first step: nq_sub_close on another thread waits
+     * for it to clear. One blocked receiver at a time: the park word has
+     * one sleeper. */
+    unsigned v = atomic_fetch_or_explicit(&s->rstate, NQ__R_BLOCKED, memory_order_acquire);
+    if (v & NQ__R_BLOCKED)
         return NQ_EBUSY;
     int64_t deadline = nq__deadline_ns(timeout_ns);
-    for (;;) {
-        rc = nq_sub_try_recv(s, arg);
+    for (unsigned spins = 0;; spins++) {
+        rc = nq__sub_recv_some(s, out, 1);
         if (rc != NQ_EAGAIN)
             break;
         if (nq__now_ns() >= deadline) {
             rc = NQ_ETIMEDOUT;
             break;
         }
+        if (spins < NQ__SUB_SPINS) { /* a producer in flow is here soon */
+            nq__cpu_relax();
+            continue;
+        }
         nq__park_prepare(&s->park);
-        /* L: seq_cst pairs with the producer's fetch_or of ready (W). */
-        if (atomic_load_explicit(&s->ready, memory_order_seq_cst) != 0) {
+        /* Closing (nq_sub_close on another thread) sets CLOSING, then wakes
+         * the park: seq_cst pairs with its fetch_or, like P/L of park.h. */
+        if ((atomic_load_explicit(&s->rstate, memory_order_seq_cst) & NQ__R_CLOSING) ||
+            !nq__sub_arm(s)) {
             nq__park_cancel(&s->park);
             continue;
         }
@@ -337,36 +482,29 @@ int nq_sub_recv(nq_sub_t *s, int64_t timeout_ns, int64_t *arg) {
             break;
         }
     }
-    atomic_store_explicit(&s->receiving, 0, memory_order_release);
-    return rc;
+    /* Release: our last touch of s; nq_sub_close frees it once it sees the
+     * bit clear (acquire). */
+    atomic_fetch_and_explicit(&s->rstate, ~NQ__R_BLOCKED, memory_order_release);
+    return rc > 0 ? 0 : rc;
 }
 
-uint64_t nq_sub_dropped(const nq_sub_t *s) {
-    if (s == NULL)
-        return 0;
-    return atomic_load_explicit(&((nq_sub_t *)s)->dropped, memory_order_relaxed);
-}
+/* --- closing ------------------------------------------------------------ */
 
 void nq__sub_quiesce(nq_sub_t *s) {
-    nq__lock(&s->lock); /* orders us after any producer's increment */
-    nq__unlock(&s->lock);
-    for (unsigned i = 0; atomic_load_explicit(&s->inflight, memory_order_acquire) != 0; i++) {
-        if (i < 64)
-            nq__cpu_relax();
-        else
-            sched_yield();
-    }
+    nq__hslot_t *slot = nq__slot_at(s->q, s->index);
+    nq__release(slot, nq__hold_any(slot)); /* after any increment made under HELD */
+    for (unsigned i = 0; atomic_load_explicit(&s->inflight, memory_order_acquire) != 0; i++)
+        nq__spin_pause(i);
 }
 
-/* Detaches s from its handle (if still attached) and waits for wakers in
- * flight; afterwards no producer or waker touches s. */
-void nq__sub_detach(nq_sub_t *s) {
+/* Detaches s from its handle if still attached. */
+static void nq__sub_detach(nq_sub_t *s) {
     nq_queue_t *q = s->q;
     nq__hslot_t *slot = nq__slot_at(q, s->index);
-    pthread_mutex_lock(&q->lock);
-    nq__lock(&slot->lock);
+    pthread_mutex_lock(&q->lock); /* stats read the totals and the slots under it */
+    uint64_t w = nq__hold_any(slot);
     if (s->attached) {
-        nq__sub_account_locked(s);
+        nq__sub_account_held(s);
         nq_sub_t **subs = nq__slot_cold(q, s->index)->subs;
         for (unsigned i = 0; i < slot->nsubs; i++) {
             if (subs[i] == s) {
@@ -374,36 +512,53 @@ void nq__sub_detach(nq_sub_t *s) {
                 break;
             }
         }
-        nq__lock(&s->lock);
+        if (slot->nsubs == 0)
+            w &= ~NQ__W_RECV;
         s->attached = 0;
-        s->closed = 1;
-        /* "closed" always shows in ready, so the receive fast path (which
-         * trusts ready == 0 to mean open) stays right if s outlives this. */
-        atomic_fetch_or_explicit(&s->ready, NQ__READY_CLOSED, memory_order_relaxed);
-        nq__unlock(&s->lock);
+        atomic_store_explicit(&s->armed, 0, memory_order_relaxed);
+        atomic_store_explicit(&s->closed, 1, memory_order_release);
     }
-    nq__unlock(&slot->lock);
+    nq__release(slot, w);
     pthread_mutex_unlock(&q->lock);
+}
+
+void nq__sub_shutdown(nq_sub_t *s) {
+    /* seq_cst: pairs with the blocked receiver's check after park_prepare. */
+    atomic_fetch_or_explicit(&s->rstate, NQ__R_CLOSING, memory_order_seq_cst);
+    nq__sub_detach(s);
+    nq__park_wake(&s->park);
+    /* A receive in progress ends within a bounded copy; a blocked one wakes
+     * (above, or at its next look) and leaves with NQ_ECLOSED. */
+    for (unsigned i = 0; atomic_load_explicit(&s->rstate, memory_order_acquire) &
+                         (NQ__R_BUSY | NQ__R_BLOCKED);
+         i++) {
+        if ((i & 255) == 255)
+            nq__park_wake(&s->park);
+        nq__spin_pause(i);
+    }
     nq__sub_quiesce(s);
 }
 
 void nq__sub_destroy(nq_sub_t *s) {
     nq_queue_t *q = s->q;
-    atomic_fetch_sub_explicit(&q->live_subs, 1, memory_order_relaxed);
+    int counted = s->id != 0; /* attached once (an id is never 0) */
     nq__hint_free(q, s->hint);
     nq__free(s->ring);
-    nq__mem_release(q, nq__sub_bytes(s->capacity, s->port_sub));
+    nq__mem_release(q, s->bytes + (size_t)s->capacity * sizeof(int64_t));
     nq__free(s);
-    nq__queue_unref(q);
+    if (counted) {
+        atomic_fetch_sub_explicit(&q->live_subs, 1, memory_order_relaxed);
+        nq__queue_unref(q);
+    }
 }
 
 void nq_sub_close(nq_sub_t *s) {
     if (s == NULL)
         return;
-    if (s->port_sub) { /* a port subscription, even if its port is gone */
-        nq__port_sub_close(s);
+    if (s->on_close != NULL) { /* an owner's (a port's), even if the owner is gone */
+        s->on_close(s);
         return;
     }
-    nq__sub_detach(s);
+    nq__sub_shutdown(s);
     nq__sub_destroy(s);
 }

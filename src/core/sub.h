@@ -1,0 +1,130 @@
+/* This file is private to libnq: bounded subscriptions (sub.c), built on the
+ * handle table (handle.h). A subscription is a single-writer ring: the
+ * writer is whoever holds its handle's HELD (one notify at a time), the
+ * reader its receiver, which takes no lock a producer takes. An owner (a
+ * port) may embed an nq_sub_t at the start of its own struct; it reaches the
+ * subscription through the waker and the close hook it installs, and the
+ * subscription knows nothing of it.
+ */
+#ifndef NQ_CORE_SUB_H
+#define NQ_CORE_SUB_H
+
+#include "core/handle.h"
+#include "core/park.h"
+
+/* Two cache lines: what producers write (and read) per notification, then
+ * what the receiver writes per batch, so neither side's stores take the
+ * other's line away. */
+struct nq_sub {
+    /* Line 1: the producer side. Written under HELD of the handle. */
+    NQ__CACHELINE_ALIGNED nq_queue_t *q;
+    _Atomic int64_t *ring;     /* capacity cells; position p is in cell p % capacity */
+    /* 2 x positions written, + 1 while a drop-oldest push writes a cell
+     * that may hold an unread arg (the receiver's lapping check). */
+    _Atomic uint64_t tail;
+    uint64_t head_cache;       /* drop-newest: a head seen, <= the real one */
+    _Atomic uint64_t rejected; /* drop-newest: args refused while full */
+    char *hint;
+    uint32_t capacity;
+    uint32_t tidx;             /* (tail / 2) % capacity */
+    _Atomic uint32_t inflight; /* waker calls owed or running */
+    uint8_t overflow;          /* nq_overflow_t, set at creation */
+    _Atomic uint8_t armed;     /* the receiver asks to be woken: set and taken under HELD */
+    uint8_t attached;          /* under HELD: in the handle's array */
+    _Atomic uint8_t closed;    /* the handle let go of it: no push follows */
+
+    /* Line 2: the receiver side. */
+    NQ__CACHELINE_ALIGNED _Atomic uint64_t head; /* positions consumed */
+    _Atomic uint64_t skipped;  /* drop-oldest: positions lapped before being read */
+    nq_waker_t waker;          /* called on an armed empty -> non-empty, and on close */
+    void (*on_close)(struct nq_sub *s); /* the owner's nq_sub_close, or NULL */
+    uint32_t hidx;             /* head % capacity */
+    atomic_uint rstate;        /* NQ__R_* */
+    nq__park_t park;           /* a receiver blocked in nq_sub_recv */
+    uint32_t index, id;        /* the handle's slot and id (handle.h), set at attach */
+    uint32_t bytes;            /* charged to the queue (struct and owner part) */
+};
+_Static_assert(sizeof(struct nq_sub) == 2 * NQ__CACHELINE, "a subscription is two lines");
+
+/* rstate */
+#define NQ__R_BUSY 1u    /* a receive is running (receivers exclude each other) */
+#define NQ__R_BLOCKED 2u /* a thread is in nq_sub_recv */
+#define NQ__R_TOLD 4u    /* a receive returned NQ_ECLOSED */
+#define NQ__R_CLOSING 8u /* nq_sub_close runs: receives answer NQ_ECLOSED */
+
+/* Allocates a subscription of `bytes` (>= sizeof(nq_sub_t); the owner's
+ * part follows, zeroed) with opts' capacity, overflow, hint and waker. */
+int nq__sub_alloc(nq_queue_t *q, const nq_sub_opts_t *opts, size_t bytes, nq_sub_t **out);
+/* Attaches s to h (armed if it has a waker); on failure s stays unattached
+ * for nq__sub_destroy. */
+int nq__sub_attach(nq_sub_t *s, nq_handle_t h);
+/* Under HELD: pushes arg; 1 if stored. Appends s to wake[] (*nwake) when
+ * its receiver armed a wake-up, counting one waker call in flight. Inline:
+ * the notify path's inner loop. */
+static inline void nq__sub_owe_wake(nq_sub_t *s, nq_sub_t **wake, unsigned *nwake) {
+    /* Counted under HELD, which nq__sub_quiesce takes before it reads
+     * inflight: it cannot miss this increment. */
+    atomic_fetch_add_explicit(&s->inflight, 1, memory_order_relaxed);
+    wake[(*nwake)++] = s;
+}
+
+static inline int nq__sub_push_held(nq_sub_t *s, int64_t arg, nq_sub_t **wake,
+                                    unsigned *nwake) {
+    /* Relaxed: the only writer is us (HELD); S1-S3 of sub.c. */
+    uint64_t t2 = atomic_load_explicit(&s->tail, memory_order_relaxed);
+    uint64_t t = t2 >> 1;
+    uint32_t i = s->tidx;
+    if (s->overflow == NQ_DROP_NEWEST) {
+        if (NQ__UNLIKELY(t - s->head_cache >= s->capacity)) {
+            /* S2: acquire pairs with the receiver's release of head. */
+            s->head_cache = atomic_load_explicit(&s->head, memory_order_acquire);
+            if (t - s->head_cache >= s->capacity) {
+                atomic_store_explicit(&s->rejected,
+                                      atomic_load_explicit(&s->rejected, memory_order_relaxed) + 1,
+                                      memory_order_relaxed);
+                return 0; /* full and no wake owed: it is not empty */
+            }
+        }
+        atomic_store_explicit(&s->ring[i], arg, memory_order_relaxed);
+    } else {
+        /* S3: the claim, then the cell with release: a receiver whose
+         * acquire load of the cell reads this arg sees the claim. */
+        atomic_store_explicit(&s->tail, t2 + 1, memory_order_relaxed);
+        atomic_store_explicit(&s->ring[i], arg, memory_order_release);
+    }
+    /* Release: the cell before the position that publishes it. */
+    atomic_store_explicit(&s->tail, 2 * t + 2, memory_order_release);
+    s->tidx = i + 1 == s->capacity ? 0 : i + 1;
+    if (NQ__UNLIKELY(atomic_load_explicit(&s->armed, memory_order_relaxed))) {
+        atomic_store_explicit(&s->armed, 0, memory_order_relaxed); /* taken */
+        nq__sub_owe_wake(s, wake, nwake);
+    }
+    return 1;
+}
+
+/* Under HELD and q->lock (nq_unregister): the handle is gone. Always owes
+ * a wake-up (appended like a push's). */
+void nq__sub_close_held(nq_sub_t *s, nq_sub_t **wake, unsigned *nwake);
+/* Runs the wake-ups collected by the two above, outside HELD. */
+void nq__sub_run_wakers(nq_sub_t **wake, unsigned nwake);
+/* Per-subscription figures (any thread; exact once producers and receiver
+ * are quiet). */
+uint64_t nq__sub_stored(const nq_sub_t *s);
+uint64_t nq__sub_dropped(const nq_sub_t *s);
+uint64_t nq__sub_held(const nq_sub_t *s);
+/* Receiver side, for an owner that drives one: does s hold args? Is it
+ * closed with its receiver not yet told? Arm a wake-up if s is empty:
+ * returns 1 if armed (or armed already) and still empty, 0 if it holds
+ * args or is closed. */
+int nq__sub_has_args(nq_sub_t *s);
+int nq__sub_closed_untold(nq_sub_t *s);
+int nq__sub_arm_if_empty(nq_sub_t *s);
+/* Closing: stops receives (they answer NQ_ECLOSED), detaches s from its
+ * handle, waits for a blocked receiver to leave and for wakers in flight. */
+void nq__sub_shutdown(nq_sub_t *s);
+/* Waits for waker calls in flight on s to return. */
+void nq__sub_quiesce(nq_sub_t *s);
+/* Frees s (after nq__sub_shutdown, or an attach that failed). */
+void nq__sub_destroy(nq_sub_t *s);
+
+#endif
