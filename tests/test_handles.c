@@ -26,6 +26,7 @@
 #include "nqtest.h"
 #include "core/internal.h"
 #include "core/queue.h"
+#include "core/testhooks.h"
 
 
 /* --- helpers ------------------------------------------------------------ */
@@ -893,4 +894,84 @@ Test(handles, unregister_vs_notify_from_4_threads, .timeout = 60) {
 
 Test(handles, unregister_vs_notify_from_4_threads_with_2_bit_generations, .timeout = 60) {
     unregister_vs_notify(2);
+}
+
+/* --- Core 2.0: handles name their queue; seq passes 2^32 ------------------ */
+
+/* The first handles of two queues used to be equal (0x100000001), so
+ * nq_notify(b, handle_of_a, 42) reached b's subscriber. A handle carries its
+ * queue's tag: another queue's handle gets NQ_EBADH from every call, and
+ * reaches nobody. */
+Test(handles, another_queues_handle_gets_ebadh_from_every_call) {
+    enum { NQ = 8 };
+    nq_queue_t *q[NQ];
+    nq_handle_t h[NQ];
+    nq_sub_t *s[NQ];
+    for (int i = 0; i < NQ; i++) {
+        q[i] = new_queue(NULL);
+        h[i] = reg(q[i], "first");
+        s[i] = sub(q[i], h[i], 4, NQ_DROP_NEWEST, "watch");
+    }
+    for (int i = 0; i < NQ; i++)
+        for (int j = 0; j < NQ; j++) {
+            if (i == j)
+                continue;
+            cr_assert_neq(h[i], h[j], "queues %d and %d issued the same first handle", i, j);
+            expect_ebadh_everywhere(q[j], h[i], "another queue's handle");
+        }
+    for (int i = 0; i < NQ; i++) {
+        int64_t arg;
+        cr_assert_eq(nq_sub_try_recv(s[i], &arg), NQ_EAGAIN, "queue %d got a foreign notify", i);
+        cr_assert_eq(nq_notify(q[i], h[i], 7), 1);
+        cr_assert_eq(nq_sub_try_recv(s[i], &arg), 0);
+        cr_assert_eq(arg, 7);
+        nq_sub_close(s[i]);
+        nq_queue_free(q[i]);
+    }
+}
+
+/* A long-lived handle passes 2^32 notifications: the word keeps seq's low
+ * half, the carry goes to seq_hi under HELD. nq_seq and `after` waits stay
+ * right on both sides of the carry, with and without receivers. */
+Test(handles, seq_carries_past_2_to_the_32) {
+    nq_queue_t *q = new_queue(NULL);
+    nq_handle_t h = reg(q, "long-lived"), g = reg(q, "with a subscriber");
+    nq_sub_t *s = sub(q, g, 8, NQ_DROP_NEWEST, "s");
+    const uint64_t base = ((uint64_t)1 << 32) - 3;
+    nq_handle_t hs[2] = {h, g};
+    for (int k = 0; k < 2; k++) {
+        nq_handle_t x = hs[k];
+        cr_assert_eq(nq__handle_set_seq(q, x, base), 0);
+        uint64_t seq = 0;
+        for (uint64_t i = 1; i <= 6; i++) {
+            cr_assert_geq(nq_notify(q, x, (int64_t)i), 0);
+            cr_assert_eq(nq_seq(q, x, &seq), 0);
+            cr_assert_eq(seq, base + i, "seq %#llx, not %#llx", (unsigned long long)seq,
+                         (unsigned long long)(base + i));
+        }
+        /* A wait after a count below the carry completes at once with the
+         * newest arg; one after the current count waits for the next. */
+        int64_t arg = 0;
+        cr_assert_eq(nq_wait(q, x, base + 2, 0, &arg), 0);
+        cr_assert_eq(arg, 6);
+        cr_assert_eq(nq_wait(q, x, seq, 0, &arg), NQ_ETIMEDOUT);
+        nq_wait_t *w;
+        counter_t c;
+        atomic_init(&c.calls, 0);
+        atomic_init(&c.tid, 0);
+        cr_assert_eq(nq_wait_start(q, x, seq, counting_waker(&c), &w), 0);
+        cr_assert_eq(nq_wait_result(w, &arg), NQ_EAGAIN);
+        cr_assert_geq(nq_notify(q, x, 77), 1);
+        cr_assert_eq(nq_wait_result(w, &arg), 0);
+        cr_assert_eq(arg, 77);
+        cr_assert_eq(atomic_load(&c.calls), 1);
+        nq_wait_release(w);
+    }
+    int64_t buf[8];
+    cr_assert_eq(nq_sub_recv_batch(s, buf, 8), 7);
+    cr_assert_eq(buf[6], 77);
+    /* The queue's count takes the whole seq of both handles. */
+    cr_assert_eq(stats(q).notifies, 2 * (base + 7));
+    nq_sub_close(s);
+    nq_queue_free(q);
 }
