@@ -17,6 +17,7 @@
 #define NQ_H
 
 #include <errno.h>
+#include <limits.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -346,6 +347,18 @@ NQ_EXTERN int nq_port_fd(const nq_port_t *p);
  * level-triggered loop does not spin on it); NQ_ECLOSED in a process that
  * inherited the port over fork() (see "fork()" below). */
 NQ_EXTERN int nq_port_dispatch(nq_port_t *p, unsigned budget);
+/* As a budget: the port's own (nq_port_set_budget), what adapters pass. */
+#define NQ_PORT_BUDGET UINT_MAX
+/* The port's own budget until nq_port_set_budget changes it. */
+#define NQ_PORT_DEFAULT_BUDGET 1024u
+/* Sets the budget NQ_PORT_BUDGET stands for (0: all that is ready); the
+ * adapters' nq_uv_set_budget / nq_ev_set_budget call this. NQ_EINVAL for a
+ * NULL port or NQ_PORT_BUDGET itself. */
+NQ_EXTERN int nq_port_set_budget(nq_port_t *p, unsigned budget);
+/* Inside one of the port's callbacks: the running dispatch returns after
+ * this callback, and what is left stays ready (the fd readable) for the
+ * next one. Outside a dispatch it does nothing. 0, or NQ_EINVAL for NULL. */
+NQ_EXTERN int nq_port_stop(nq_port_t *p);
 /* Milliseconds until the next wait deadline (rounded up, 0 if due), -1 if
  * none: pass it (or a smaller value) to epoll_wait / a loop timer. */
 NQ_EXTERN int64_t nq_port_timeout_ms(const nq_port_t *p);
@@ -381,9 +394,12 @@ NQ_EXTERN int nq_port_subscribe(nq_port_t *p, nq_queue_t *q, nq_handle_t h,
  * or the same, holds it). detach: only by its owner (NQ_EINVAL otherwise);
  * detached inside one of the port's callbacks, the running dispatch stops
  * after that callback and leaves the rest ready, so nothing more runs through
- * the old owner. on_deadline: cb runs (on the port's thread, inside
- * nq_port_wait) whenever the next deadline moves earlier, so the adapter can
- * re-arm its loop timer; NULL removes it. Free a port only after detaching
+ * the old owner (nq_port_stop). on_deadline: cb runs on the port's thread,
+ * never from inside a callback, whenever the next deadline may have moved:
+ * at registration if there is one, from nq_port_wait (outside a dispatch)
+ * when it moves earlier, and at the end of each dispatch while one exists or
+ * after one went away; it re-arms (or stops) the loop's timer from
+ * nq_port_timeout_ms(). NULL removes it. Free a port only after detaching
  * it (close its adapter first), except a port inherited over fork() (see
  * "fork()"). */
 NQ_EXTERN int nq_port_attach(nq_port_t *p, const void *owner);

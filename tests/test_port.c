@@ -993,23 +993,49 @@ static struct {
     nq_port_t *p;
     void *data;
     int tid;
+    int inside; /* calls made while a port callback ran */
+    int64_t ms; /* nq_port_timeout_ms at the last call */
 } DL;
+static int in_port_cb; /* set by dl_cb while it runs */
 
 static void on_deadline(nq_port_t *p, void *data) {
     DL.calls++;
     DL.p = p;
     DL.data = data;
     DL.tid = cur_tid();
+    DL.inside += in_port_cb;
+    DL.ms = nq_port_timeout_ms(p);
 }
 
-Test(port, deadline_callback_fires_only_when_the_next_deadline_moves_earlier) {
+/* A wait callback that starts another port wait (its deadline earlier than
+ * any pending one) from inside the dispatch. */
+static nq_queue_t *dl_q;
+static nq_handle_t dl_h;
+static wrec_t dl_inner;
+
+static void dl_cb(void *data, int status, int64_t arg) {
+    in_port_cb = 1;
+    wcb(data, status, arg);
+    pwait(((wrec_t *)data)->port, dl_q, dl_h, NQ_SEQ_NEXT, 3000, &dl_inner, NULL);
+    in_port_cb = 0;
+}
+
+/* The hook runs on the port's thread, never from inside a port callback,
+ * whenever the next deadline may have moved: at registration when one
+ * exists, from nq_port_wait (outside a dispatch) when it moves earlier, and
+ * at the end of a dispatch while a deadline exists or after the last went
+ * away. A later deadline, a wait without one, a wait due at once, a
+ * dispatch with no deadline before or after: no call. */
+Test(port, deadline_hook_runs_when_the_next_deadline_may_have_moved_never_inside_a_callback) {
     setup();
     memset(&DL, 0, sizeof(DL));
+    memset(&dl_inner, 0, sizeof(dl_inner));
     nq_queue_t *q = new_queue();
     nq_handle_t h = reg(q);
     nq_port_t *p = new_port();
     int tag;
     cr_assert_eq(nq_port_on_deadline(p, on_deadline, &tag), 0);
+    cr_assert_eq(DL.calls, 0, "no deadline: registration calls nothing");
     cr_assert_eq(nq_port_on_deadline(NULL, on_deadline, &tag), NQ_EINVAL);
     wrec_t r[8];
     memset(r, 0, sizeof(r));
@@ -1019,30 +1045,104 @@ Test(port, deadline_callback_fires_only_when_the_next_deadline_moves_earlier) {
     cr_assert_eq(DL.data, &tag);
     cr_assert_eq(DL.tid, main_tid);
     pwait(p, q, h, NQ_SEQ_NEXT, 20000, &r[1], NULL);
-    cr_assert_eq(DL.calls, 1, "a later deadline fired the callback");
+    cr_assert_eq(DL.calls, 1, "a later deadline fired the hook");
     pwait(p, q, h, NQ_SEQ_NEXT, -1, &r[2], NULL);
-    cr_assert_eq(DL.calls, 1, "a wait without timeout fired the callback");
+    cr_assert_eq(DL.calls, 1, "a wait without timeout fired the hook");
     pwait(p, q, h, NQ_SEQ_NEXT, 5000, &r[3], NULL);
-    cr_assert_eq(DL.calls, 2, "an earlier deadline did not fire the callback");
+    cr_assert_eq(DL.calls, 2, "an earlier deadline did not fire the hook");
     pwait(p, q, h, NQ_SEQ_NEXT, 7000, &r[4], NULL);
     cr_assert_eq(DL.calls, 2);
+    /* A new owner learns the pending deadline at registration. */
+    cr_assert_eq(nq_port_on_deadline(p, on_deadline, &tag), 0);
+    cr_assert_eq(DL.calls, 3, "registration with a deadline pending called nothing");
     uint64_t s0;
     cr_assert_eq(nq_seq(q, h, &s0), 0);
     nq_notify(q, h, 1); /* completes the five waits above */
     cr_assert_eq(dispatch(p, 0), 5);
     cr_assert_eq(nq_port_timeout_ms(p), -1);
+    cr_assert_eq(DL.calls, 4, "the end of the dispatch did not say the deadlines went");
+    cr_assert_eq(DL.ms, -1);
     pwait(p, q, h, s0, 1, &r[5], NULL); /* due at once: no deadline */
-    cr_assert_eq(DL.calls, 2, "a wait completed at once has no deadline");
+    cr_assert_eq(DL.calls, 4, "a wait completed at once has no deadline");
     cr_assert_eq(dispatch(p, 0), 1);
+    cr_assert_eq(DL.calls, 4, "a dispatch with no deadline before or after called it");
+    /* From inside a callback: an earlier deadline is told at the end of
+     * the dispatch, not from the callback. */
+    dl_q = q;
+    dl_h = h;
+    wrec_t outer;
+    memset(&outer, 0, sizeof(outer));
+    outer.port = p;
+    uint64_t s1;
+    cr_assert_eq(nq_seq(q, h, &s1), 0);
     pwait(p, q, h, NQ_SEQ_NEXT, 30000, &r[6], NULL);
-    cr_assert_eq(DL.calls, 3, "the first deadline after the heap emptied");
+    cr_assert_eq(DL.calls, 5, "the first deadline after the heap emptied");
+    /* outer.port: wcb also dispatches from inside (refused, NQ_EBUSY). */
+    cr_assert_eq(nq_port_wait(p, q, h, s1 - 1, -1, dl_cb, &outer, NULL), 0); /* due */
+    cr_assert_eq(dispatch(p, 0), 1);
+    cr_assert_eq(outer.calls, 1);
+    cr_assert_eq(DL.inside, 0, "the hook ran inside a port callback");
+    cr_assert_eq(DL.calls, 6, "the deadline a callback made was not told at the end");
+    cr_assert_leq(DL.ms, 3000);
     cr_assert_eq(nq_port_on_deadline(p, NULL, NULL), 0);
     pwait(p, q, h, NQ_SEQ_NEXT, 100, &r[7], NULL);
-    cr_assert_eq(DL.calls, 3, "a removed deadline callback ran");
+    cr_assert_eq(DL.calls, 6, "a removed hook ran");
     port_free(p);
     for (int i = 0; i < 8; i++)
         cr_assert_eq(r[i].calls, 1, "wait %d: %d callbacks", i, r[i].calls);
+    cr_assert_eq(dl_inner.calls, 1);
     cr_assert_eq(r[7].status, NQ_ECANCELED);
+    nq_queue_free(q);
+}
+
+/* nq_port_stop inside a callback: the dispatch returns after it, the rest
+ * stays ready (the fd readable) and runs in the next dispatch; outside a
+ * dispatch it does nothing. The port's own budget (NQ_PORT_BUDGET). */
+static void stop_cb(void *data, int status, int64_t arg) {
+    wrec_t *r = data;
+    nq_port_t *p = r->port;
+    r->port = NULL; /* wcb: no nested dispatch */
+    wcb(data, status, arg);
+    r->port = p;
+    cr_assert_eq(nq_port_stop(p), 0);
+}
+
+Test(port, stop_inside_a_callback_ends_that_dispatch_and_the_budget_is_the_ports) {
+    setup();
+    nq_queue_t *q = new_queue();
+    nq_handle_t h = reg(q);
+    nq_port_t *p = new_port();
+    cr_assert_eq(nq_port_stop(NULL), NQ_EINVAL);
+    cr_assert_eq(nq_port_stop(p), 0);
+    cr_assert_eq(nq_port_set_budget(NULL, 4), NQ_EINVAL);
+    cr_assert_eq(nq_port_set_budget(p, NQ_PORT_BUDGET), NQ_EINVAL);
+    wrec_t r[6];
+    memset(r, 0, sizeof(r));
+    r[0].port = p;
+    cr_assert_eq(nq_port_wait(p, q, h, NQ_SEQ_NEXT, -1, stop_cb, &r[0], NULL), 0);
+    for (int i = 1; i < 6; i++)
+        pwait(p, q, h, NQ_SEQ_NEXT, -1, &r[i], NULL);
+    nq_notify(q, h, 9);
+    /* Waits are completed newest first: the stopping one may run at any
+     * place; the dispatch ends right after it. */
+    int first = dispatch(p, 0);
+    cr_assert_geq(first, 1);
+    cr_assert_lt(first, 7);
+    struct pollfd pfd = {nq_port_fd(p), POLLIN, 0};
+    if (first < 6)
+        cr_assert_eq(poll(&pfd, 1, 0), 1, "stopped with work left, the fd is not readable");
+    /* The port's budget: 2 a dispatch. */
+    cr_assert_eq(nq_port_set_budget(p, 2), 0);
+    int total = first, rounds = 0;
+    while (total < 6) {
+        int n = dispatch(p, NQ_PORT_BUDGET);
+        cr_assert_leq(n, 2, "a dispatch ran %d callbacks over the port's budget of 2", n);
+        total += n;
+        cr_assert_lt(++rounds, 10);
+    }
+    for (int i = 0; i < 6; i++)
+        cr_assert_eq(r[i].calls, 1);
+    port_free(p);
     nq_queue_free(q);
 }
 

@@ -31,7 +31,7 @@ extern "C" {
 typedef struct nq_ev nq_ev_t;
 
 /* Callbacks per dispatch unless nq_ev_set_budget says otherwise. */
-#define NQ_EV_DEFAULT_BUDGET 1024u
+#define NQ_EV_DEFAULT_BUDGET NQ_PORT_DEFAULT_BUDGET
 
 struct nq_ev {
     void *data; /* yours: libnq never touches it */
@@ -40,8 +40,6 @@ struct nq_ev {
     ev_timer nq__timer;
     struct ev_loop *nq__loop; /* while started */
     nq_port_t *nq__port;
-    int *nq__closed; /* set while a dispatch runs */
-    unsigned nq__budget;
     int nq__state;
 };
 

@@ -31,7 +31,7 @@ typedef struct nq_uv nq_uv_t;
 typedef void (*nq_uv_close_cb)(nq_uv_t *h);
 
 /* Callbacks per dispatch unless nq_uv_set_budget says otherwise. */
-#define NQ_UV_DEFAULT_BUDGET 1024u
+#define NQ_UV_DEFAULT_BUDGET NQ_PORT_DEFAULT_BUDGET
 
 struct nq_uv {
     void *data; /* yours: libnq never touches it */
@@ -41,10 +41,8 @@ struct nq_uv {
     uv_loop_t *nq__loop;
     nq_port_t *nq__port;
     nq_uv_close_cb nq__close_cb;
-    unsigned nq__budget;
     int nq__state;
     int nq__to_close;
-    int nq__in_cb;
 };
 
 /* Attaches port to loop through h (memory the caller owns and keeps until the

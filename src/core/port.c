@@ -131,7 +131,9 @@ struct nq_port {
     _Atomic uint32_t live_items, deadlines;
     int in_dispatch;
     int free_deferred;
-    int detached_in_dispatch; /* the owner let go inside a callback: stop */
+    int stop;          /* nq_port_stop (or a detach) inside a callback: stop */
+    int told_deadline; /* the owner's hook was last told of a deadline */
+    unsigned budget;   /* what NQ_PORT_BUDGET stands for */
     int efd_cleared; /* a nested dispatch read the fd: I1 is off until the end */
     uint32_t spin_misses; /* pre-idle spins in a row that caught nothing */
     uint32_t spin_skipped;
@@ -189,6 +191,7 @@ int nq_port_new_sized(uint32_t max_items, nq_port_t **out) {
     (void)pthread_once(&nq__fork_once, nq__fork_hook);
     p->fork_gen = atomic_load_explicit(&nq__fork_gen, memory_order_relaxed);
     p->max_items = max_items;
+    p->budget = NQ_PORT_DEFAULT_BUDGET;
     p->items = nq__calloc(max_items, sizeof(*p->items));
     p->free_tokens = nq__malloc((size_t)max_items * sizeof(uint32_t));
     p->heap = nq__malloc((size_t)max_items * sizeof(nq__pwait_t *));
@@ -245,10 +248,24 @@ int nq_port_detach(nq_port_t *p, const void *owner) {
         return NQ_EINVAL;
     p->owner = NULL;
     /* Detached from inside one of the port's callbacks (an adapter closed
-     * there): the running dispatch stops after that callback, so nothing
-     * more runs through the old owner; what is left stays ready. */
+     * there): nothing more runs through the old owner. */
+    return nq_port_stop(p);
+}
+
+int nq_port_stop(nq_port_t *p) {
+    if (p == NULL)
+        return NQ_EINVAL;
+    /* The running dispatch stops after the current callback; what is left
+     * stays ready (and the fd readable) for the next one. */
     if (p->in_dispatch)
-        p->detached_in_dispatch = 1;
+        p->stop = 1;
+    return 0;
+}
+
+int nq_port_set_budget(nq_port_t *p, unsigned budget) {
+    if (p == NULL || budget == NQ_PORT_BUDGET)
+        return NQ_EINVAL;
+    p->budget = budget;
     return 0;
 }
 
@@ -261,7 +278,25 @@ int nq_port_on_deadline(nq_port_t *p, void (*cb)(nq_port_t *p, void *data), void
         return NQ_EINVAL;
     p->deadline_cb = cb;
     p->deadline_data = data;
+    p->told_deadline = 0;
+    /* A new owner learns the deadline there is (outside a dispatch; inside,
+     * the end of the dispatch tells it). */
+    if (cb != NULL && !p->in_dispatch && p->heap_len > 0) {
+        p->told_deadline = 1;
+        cb(p, data);
+    }
     return 0;
+}
+
+/* End of a dispatch (a safe point: no callback is running): tell the owner
+ * the next deadline may have moved, whenever one exists or one was told
+ * before (a timer that fired needs re-arming; one for a deadline that is
+ * gone needs stopping). */
+static void nq__port_tell_deadline(nq_port_t *p) {
+    if (p->deadline_cb == NULL || (p->heap_len == 0 && !p->told_deadline))
+        return;
+    p->told_deadline = p->heap_len > 0;
+    p->deadline_cb(p, p->deadline_data);
 }
 
 /* --- the waker side (any thread) ---------------------------------------- */
@@ -445,8 +480,12 @@ int nq_port_wait(nq_port_t *p, nq_queue_t *q, nq_handle_t h, uint64_t after,
         p->heap[p->heap_len++] = pw;
         nq__heap_up(p, p->heap_len - 1);
         atomic_store_explicit(&p->deadlines, p->heap_len, memory_order_relaxed);
-        if (pw->heap_index == 0 && p->deadline_cb != NULL)
-            p->deadline_cb(p, p->deadline_data); /* the next deadline moved earlier */
+        /* The next deadline moved earlier: tell the owner now, or at the
+         * end of the running dispatch (never from inside a callback). */
+        if (pw->heap_index == 0 && p->deadline_cb != NULL && !p->in_dispatch) {
+            p->told_deadline = 1;
+            p->deadline_cb(p, p->deadline_data);
+        }
     }
     if (out != NULL)
         *out = &pw->w;
@@ -581,7 +620,7 @@ static int nq__port_expire(nq_port_t *p, unsigned limit) {
     int64_t now = nq__now_ns();
     /* A callback that detaches the port or frees it stops the expiry too:
      * the waits left stay in the heap for the next dispatch. */
-    while (p->heap_len > 0 && p->heap[0]->deadline_ns <= now && !p->detached_in_dispatch &&
+    while (p->heap_len > 0 && p->heap[0]->deadline_ns <= now && !p->stop &&
            !p->free_deferred && (limit == 0 || (unsigned)ran < limit)) {
         nq__pwait_t *w = p->heap[0];
         nq__heap_remove(p, w);
@@ -616,12 +655,12 @@ static uint64_t nq__port_run_batch(nq_port_t *p, uint64_t limit, int *ran) {
         limit -= n;
         taken += n;
         for (size_t i = 0; i < n && !p->free_deferred; i++) {
-            if (p->detached_in_dispatch)
+            if (p->stop)
                 nq_evq_notify(p->ready, toks[i]); /* put back, for the next owner */
             else
                 *ran += nq__port_run(p, toks[i]);
         }
-        if (p->detached_in_dispatch)
+        if (p->stop)
             break;
     }
     return taken;
@@ -651,6 +690,8 @@ static void nq__port_read_efd(nq_port_t *p) {
 int nq_port_dispatch(nq_port_t *p, unsigned budget) {
     if (p == NULL)
         return NQ_EINVAL;
+    if (budget == NQ_PORT_BUDGET)
+        budget = p->budget;
     if (nq__port_inherited(p))
         return NQ_ECLOSED; /* never read the parent's eventfd (see fork()) */
     if (p->in_dispatch) {
@@ -681,14 +722,14 @@ int nq_port_dispatch(nq_port_t *p, unsigned budget) {
         limit = room;
 
     uint64_t taken = 0;
-    if (!p->free_deferred && !p->detached_in_dispatch)
+    if (!p->free_deferred && !p->stop)
         taken = nq__port_run_batch(p, limit, &ran);
     /* Nothing left, and the budget not spent: before going idle (an eventfd
      * read here, a write by the next waker, a sleep and a wake-up for the
      * loop), watch the evq for a moment; a producer in full flow notifies
      * again within it. One round at most per dispatch, within the budget,
      * so a flood cannot keep a dispatch from returning. */
-    if (!p->free_deferred && !p->detached_in_dispatch && taken < room &&
+    if (!p->free_deferred && !p->stop && taken < room &&
         nq__evq_pending(p->ready) == 0 && nq__port_spin_worth_it(p)) {
         for (int i = 0; i < NQ__PORT_SPINS && nq__evq_pending(p->ready) == 0; i++)
             nq__cpu_relax();
@@ -702,13 +743,14 @@ int nq_port_dispatch(nq_port_t *p, unsigned budget) {
         if (more > 0)
             nq__port_run_batch(p, more, &ran);
     }
-    p->detached_in_dispatch = 0;
+    p->stop = 0;
 
     p->in_dispatch = 0;
     if (p->free_deferred) {
         nq__port_destroy(p);
         return ran;
     }
+    nq__port_tell_deadline(p);
     /* Work left that we can run (a budget, re-armed subscriptions, a due
      * timeout the budget cut off or a callback made due): the fd must stay
      * readable so the loop comes back, in its next iteration, through its

@@ -8,11 +8,11 @@
  * (a budget was reached), so the rest runs in the next iteration, after the
  * loop's other ready watchers: a flood cannot starve the loop.
  *
- * The timer is re-armed after every dispatch (the next deadline may have
- * moved either way) and from the port's on_deadline hook when nq_port_wait
- * makes it earlier, from a refreshed "now". Were it to fire early, the port
- * would expire nothing (it never expires a wait early) and the re-arm after
- * that dispatch would cover the rest.
+ * The timer is re-armed from the port's on_deadline hook, which the port
+ * calls (never from inside one of its callbacks) whenever the next deadline
+ * may have moved, from a refreshed "now". The budget is the port's
+ * (nq_port_set_budget); stopping inside a port callback stops that dispatch
+ * (nq_port_stop).
  */
 #include "nq/ev.h"
 
@@ -42,9 +42,13 @@ static void nq__ev_timer_stop(nq_ev_t *w) {
     }
 }
 
-static void nq__ev_arm(nq_ev_t *w) {
+/* The port's on_deadline hook (and nq_ev_start's). */
+static void nq__ev_arm(nq_port_t *p, void *data) {
+    nq_ev_t *w = data;
     struct ev_loop *loop = w->nq__loop;
-    int64_t ms = nq_port_timeout_ms(w->nq__port);
+    int64_t ms = nq_port_timeout_ms(p);
+    if (loop == NULL) /* not started: nq_ev_start arms */
+        return;
     if (ms < 0) {
         nq__ev_timer_stop(w);
         return;
@@ -60,30 +64,15 @@ static void nq__ev_arm(nq_ev_t *w) {
         ev_unref(loop);
 }
 
+/* From the io watcher or the timer. A port callback may stop or close w,
+ * and free it: nothing here touches w after the dispatch, except when the
+ * dispatch was refused as nested (an ev_run inside a port callback, which
+ * saw the fd readable: the refusal cleared it). The timer may then be armed
+ * for a deadline already due: stop it, or it fires every microsecond for as
+ * long as the nested loop runs; the outer dispatch's end re-arms it. */
 static void nq__ev_dispatch(nq_ev_t *w) {
-    /* libev lets a callback stop and free its own watcher; a port callback
-     * may nq_ev_close w and free it. nq_ev_close says so through this flag
-     * on our stack, and we touch w no more. */
-    if (w->nq__closed != NULL) {
-        /* A nested ev_run inside a port callback: the dispatch running
-         * outside refuses us (NQ_EBUSY), clearing the fd so the io watcher
-         * does not spin, and we must not overwrite its flag. The timer may
-         * be armed for a deadline already due (a budget cut the expiry
-         * short): stop it, or it fires every microsecond for as long as
-         * the nested loop runs; the outer dispatch re-arms it. */
-        (void)nq_port_dispatch(w->nq__port, 0);
-        if (w->nq__loop != NULL)
-            nq__ev_timer_stop(w);
-        return;
-    }
-    int closed = 0;
-    w->nq__closed = &closed;
-    (void)nq_port_dispatch(w->nq__port, w->nq__budget);
-    if (closed)
-        return;
-    w->nq__closed = NULL;
-    if (w->nq__loop != NULL) /* still started */
-        nq__ev_arm(w);
+    if (nq_port_dispatch(w->nq__port, NQ_PORT_BUDGET) == NQ_EBUSY && w->nq__loop != NULL)
+        nq__ev_timer_stop(w);
 }
 
 static void nq__ev_on_io(struct ev_loop *loop, ev_io *io, int revents) {
@@ -98,13 +87,6 @@ static void nq__ev_on_timer(struct ev_loop *loop, ev_timer *t, int revents) {
     nq__ev_dispatch(t->data);
 }
 
-static void nq__ev_on_deadline(nq_port_t *p, void *data) {
-    nq_ev_t *w = data;
-    (void)p;
-    if (w->nq__loop != NULL)
-        nq__ev_arm(w);
-}
-
 int nq_ev_init(nq_ev_t *w, nq_port_t *port) {
     if (w == NULL || port == NULL)
         return NQ_EINVAL;
@@ -116,14 +98,12 @@ int nq_ev_init(nq_ev_t *w, nq_port_t *port) {
         return rc;
     w->nq__port = port;
     w->nq__loop = NULL;
-    w->nq__closed = NULL;
-    w->nq__budget = NQ_EV_DEFAULT_BUDGET;
     ev_io_init(&w->nq__io, nq__ev_on_io, fd, EV_READ);
     w->nq__io.data = w;
     ev_init(&w->nq__timer, nq__ev_on_timer);
     w->nq__timer.data = w;
     w->nq__state = NQ__EV_OPEN;
-    (void)nq_port_on_deadline(port, nq__ev_on_deadline, w);
+    (void)nq_port_on_deadline(port, nq__ev_arm, w);
     return 0;
 }
 
@@ -137,7 +117,7 @@ int nq_ev_start(struct ev_loop *loop, nq_ev_t *w) {
         return w->nq__loop == loop ? 0 : NQ_EBUSY;
     w->nq__loop = loop;
     ev_io_start(loop, &w->nq__io);
-    nq__ev_arm(w);
+    nq__ev_arm(w->nq__port, w);
     return 0;
 }
 
@@ -155,14 +135,8 @@ int nq_ev_stop(struct ev_loop *loop, nq_ev_t *w) {
     nq__ev_timer_stop(w);
     w->nq__loop = NULL;
     /* Inside one of our port callbacks: like a stopped libev watcher, no
-     * more callbacks through w. A detach inside a callback stops the running
-     * dispatch after it (what is left stays ready for the next start);
-     * attaching again at once keeps the port w's. */
-    if (w->nq__closed != NULL) {
-        (void)nq_port_detach(w->nq__port, w);
-        (void)nq_port_attach(w->nq__port, w);
-    }
-    return 0;
+     * more callbacks through w (the rest stays ready for the next start). */
+    return nq_port_stop(w->nq__port);
 }
 
 int nq_ev_close(nq_ev_t *w) {
@@ -175,8 +149,6 @@ int nq_ev_close(nq_ev_t *w) {
     (void)nq_port_detach(w->nq__port, w); /* a running dispatch stops after
                                                the current callback */
     w->nq__state = NQ__EV_CLOSED;
-    if (w->nq__closed != NULL) /* inside our dispatch: it must not touch w */
-        *w->nq__closed = 1;
     return 0;
 }
 
@@ -184,8 +156,7 @@ int nq_ev_set_budget(nq_ev_t *w, unsigned budget) {
     int rc = nq__ev_check(w);
     if (rc < 0)
         return rc;
-    w->nq__budget = budget;
-    return 0;
+    return nq_port_set_budget(w->nq__port, budget);
 }
 
 int nq_ev_is_active(const nq_ev_t *w) {

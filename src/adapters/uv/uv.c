@@ -10,13 +10,12 @@
  * calls back in the next iteration, after the loop's timers and other I/O:
  * a flood cannot starve the loop.
  *
- * Re-arming the timer: after every dispatch from either watcher (the next
- * deadline may have moved either way), and from the port's on_deadline hook
- * when nq_port_wait makes the next deadline earlier. libuv's timers count from
- * the loop's cached millisecond clock: the arm refreshes it and rounds up, so
- * the timer fires at the deadline or within about a millisecond after it.
- * (Were it early, the port would expire nothing and the re-arm after that
- * dispatch would cover the rest; the port never expires a wait early.)
+ * The timer: the port tells us, through its on_deadline hook (never from
+ * inside one of its callbacks), whenever the next deadline may have moved;
+ * we re-arm the uv timer from nq_port_timeout_ms() then. libuv's timers
+ * count from the loop's cached millisecond clock: the arm refreshes it and
+ * rounds up, so the timer fires at the deadline or within about a
+ * millisecond after it. The budget is the port's (nq_port_set_budget).
  */
 #include <errno.h>
 
@@ -40,9 +39,10 @@ static int nq__uv_check(const nq_uv_t *h) {
 
 static void nq__uv_on_timer(uv_timer_t *t);
 
-/* after_dispatch: called when a dispatch has just returned. */
-static void nq__uv_arm(nq_uv_t *h, int after_dispatch) {
-    int64_t ms = nq_port_timeout_ms(h->nq__port);
+/* The port's on_deadline hook. */
+static void nq__uv_arm(nq_port_t *p, void *data) {
+    nq_uv_t *h = data;
+    int64_t ms = nq_port_timeout_ms(p);
     if (ms < 0) {
         uv_timer_stop(&h->nq__timer);
         return;
@@ -50,24 +50,14 @@ static void nq__uv_arm(nq_uv_t *h, int after_dispatch) {
     /* libuv counts from its cached, whole-millisecond "now": refresh it (a
      * clock read) and add 1 ms for the truncation, so the timer never fires
      * before the deadline and one UV_RUN_ONCE that wakes for it also runs
-     * the timeout's callback. A deadline already due after a dispatch (the
-     * budget cut the expiry short) gets 1 ms, not 0: libuv before 1.45 runs
-     * a 0 ms timer started inside its own callback again in the same pass,
-     * which would run the whole expiry in one loop iteration. The port
+     * the timeout's callback. A due deadline gets 1 ms, not 0: libuv before
+     * 1.45 runs a 0 ms timer started inside its own callback again in the
+     * same pass (the whole expiry would run in one iteration); the port
      * keeps its fd readable while a timeout is due, so the poll watcher
-     * brings the next dispatch in the next iteration; the timer is the
-     * backstop. Cannot fail: the timer is open, with a cb. */
+     * brings the next dispatch at once and the timer is the backstop.
+     * Cannot fail: the timer is open, with a cb. */
     uv_update_time(h->nq__loop);
-    uint64_t due_in = ms > 0 ? (uint64_t)ms + 1 : after_dispatch ? 1 : 0;
-    (void)uv_timer_start(&h->nq__timer, nq__uv_on_timer, due_in, 0);
-}
-
-static void nq__uv_dispatch(nq_uv_t *h) {
-    h->nq__in_cb = 1;
-    (void)nq_port_dispatch(h->nq__port, h->nq__budget);
-    h->nq__in_cb = 0;
-    if (h->nq__state == NQ__UV_OPEN) /* a callback may have closed h */
-        nq__uv_arm(h, 1);
+    (void)uv_timer_start(&h->nq__timer, nq__uv_on_timer, (uint64_t)ms + 1, 0);
 }
 
 static void nq__uv_on_poll(uv_poll_t *poll, int status, int events) {
@@ -76,18 +66,12 @@ static void nq__uv_on_poll(uv_poll_t *poll, int status, int events) {
     /* status < 0 (an error polling an eventfd) cannot happen short of a
      * closed fd; dispatching then is harmless and clears what it can. */
     (void)status;
-    nq__uv_dispatch(h);
+    (void)nq_port_dispatch(h->nq__port, NQ_PORT_BUDGET);
 }
 
 static void nq__uv_on_timer(uv_timer_t *t) {
-    nq__uv_dispatch(t->data);
-}
-
-static void nq__uv_on_deadline(nq_port_t *p, void *data) {
-    nq_uv_t *h = data;
-    (void)p;
-    if (h->nq__state == NQ__UV_OPEN && !h->nq__in_cb)
-        nq__uv_arm(h, 0); /* inside a dispatch: armed when it returns */
+    nq_uv_t *h = t->data;
+    (void)nq_port_dispatch(h->nq__port, NQ_PORT_BUDGET);
 }
 
 int nq_uv_init(uv_loop_t *loop, nq_uv_t *h, nq_port_t *port) {
@@ -102,9 +86,7 @@ int nq_uv_init(uv_loop_t *loop, nq_uv_t *h, nq_port_t *port) {
     h->nq__loop = loop;
     h->nq__port = port;
     h->nq__close_cb = NULL;
-    h->nq__budget = NQ_UV_DEFAULT_BUDGET;
     h->nq__to_close = 0;
-    h->nq__in_cb = 0;
     int uerr = uv_poll_init(loop, &h->nq__poll, fd);
     if (uerr < 0)
         goto fail;
@@ -118,8 +100,7 @@ int nq_uv_init(uv_loop_t *loop, nq_uv_t *h, nq_port_t *port) {
     h->nq__timer.data = h;
     (void)uv_poll_start(&h->nq__poll, UV_READABLE, nq__uv_on_poll);
     h->nq__state = NQ__UV_OPEN;
-    (void)nq_port_on_deadline(port, nq__uv_on_deadline, h);
-    nq__uv_arm(h, 0); /* waits made before init may have deadlines */
+    (void)nq_port_on_deadline(port, nq__uv_arm, h); /* arms for waits made before */
     return 0;
 fail:
     (void)nq_port_detach(port, h);
@@ -184,6 +165,5 @@ int nq_uv_set_budget(nq_uv_t *h, unsigned budget) {
     int rc = nq__uv_check(h);
     if (rc < 0)
         return rc;
-    h->nq__budget = budget;
-    return 0;
+    return nq_port_set_budget(h->nq__port, budget);
 }
