@@ -4,9 +4,11 @@
 # prints what the README says it prints, the README shows readme_worker.c as
 # it is in examples/ (the snippet cannot drift from the compiled file), and
 # the loop examples (uv_workers, ev_workers, epoll_server) check their own
-# accounting and say OK. A loop example whose loop library was not found is
+# accounting and say OK, and so does libevent_adapter (a fourth adapter on
+# the public port API), whose adapter part src/adapters/README.md shows
+# verbatim. A loop example whose loop library was not found is
 # not built, and is skipped.
-echo "1..6"
+echo "1..8"
 out=$("$top_builddir/examples/worker_subscriptions" -n 20000 2>&1)
 if [ $? -eq 0 ] && printf '%s' "$out" | grep -q '^OK'; then
   echo "ok 1 - worker_subscriptions: stalled worker costs nothing, accounting exact"
@@ -49,3 +51,25 @@ for ex in uv_workers ev_workers epoll_server; do
     echo "not ok $n - $ex -d 0.5 (exit $rc)"; printf '%s\n' "$out" | sed 's/^/# /'
   fi
 done
+prog="$top_builddir/examples/libevent_adapter"
+if [ ! -x "$prog" ]; then
+  echo "ok 7 # SKIP libevent_adapter: libevent not found (apt-get install libevent-dev)"
+else
+  out=$("$prog" 2>&1)
+  rc=$?
+  if [ $rc -eq 0 ] && printf '%s\n' "$out" | grep -q '^OK'; then
+    echo "ok 7 - libevent_adapter: $out"
+  else
+    echo "not ok 7 - libevent_adapter (exit $rc)"; printf '%s\n' "$out" | sed 's/^/# /'
+  fi
+fi
+# The C block of src/adapters/README.md against the file's adapter part.
+snippet=$(awk '/^```c$/ {on = 1; next} on && /^```$/ {exit} on {print}' \
+  "$top_srcdir/src/adapters/README.md")
+part=$(awk '/^\/\* --- adapter: / {on = 1} on {print} /^\/\* --- adapter end/ {exit}' \
+  "$top_srcdir/examples/libevent_adapter.c")
+if [ -n "$snippet" ] && [ "$snippet" = "$part" ]; then
+  echo "ok 8 - src/adapters/README.md shows the libevent adapter of examples/ verbatim ($(printf '%s\n' "$part" | grep -cvE '^\s*(/\*|\*|$)') lines of code)"
+else
+  echo "not ok 8 - src/adapters/README.md's adapter differs from examples/libevent_adapter.c"
+fi
