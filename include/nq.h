@@ -186,7 +186,7 @@ NQ_EXTERN int nq_evq_stats(const nq_evq_t *e, nq_evq_stats_t *out);
  * the two (see nq_wait).
  *
  * Memory: the handle index (8 bytes per 64 handles of max_handles) is
- * allocated by nq_queue_new. Handle slots (56 bytes each, allocated 64 at a
+ * allocated by nq_queue_new. Handle slots (64 bytes each, allocated 64 at a
  * time when the first of them is needed), waits and subscriptions are
  * allocated when created, up to the limits in nq_config_t, and counted
  * against memory_limit; nothing is allocated by nq_notify. A handle slot is
@@ -194,14 +194,22 @@ NQ_EXTERN int nq_evq_stats(const nq_evq_t *e, nq_evq_stats_t *out);
  * queue.
  *
  * Threads: every function may be called from any thread unless it says
- * otherwise. nq_notify never blocks on a client: it takes only the handle's
- * internal lock (held by library code for a few instructions, never across a
- * callback) and the locks of the handle's subscriptions.
+ * otherwise. nq_notify never blocks on a client and takes no lock: a notify
+ * to a handle with no receiver is one compare-and-swap on the handle's word;
+ * with receivers the same operation also marks the handle held for the few
+ * stores that push the arg into each subscription's ring (single-writer,
+ * read by receivers without any lock) and complete due waits, and one store
+ * releases it. Receivers never hold anything a producer waits for: a
+ * subscription's receiver touches the handle's word only to arm its wake-up
+ * when it finds its ring empty. No syscall is made unless a receiver that
+ * armed its wake-up (it was about to sleep) must be woken.
  * ------------------------------------------------------------------------ */
 typedef struct nq_queue nq_queue_t;
 
-/* 0 is never a valid handle. The low 32 bits name a slot, the high 32 bits
- * its generation; any value that is not a live handle gets NQ_EBADH. */
+/* 0 is never a valid handle. A handle names its slot, the slot's generation
+ * (24 bits) and its queue (an 11-bit tag: another queue's handle gets
+ * NQ_EBADH unless 2047 queues were created between the two); any value that
+ * is not a live handle of this queue gets NQ_EBADH. */
 typedef uint64_t nq_handle_t;
 
 typedef struct nq_config {
@@ -231,7 +239,7 @@ NQ_EXTERN void nq_queue_free(nq_queue_t *q);
 
 /* debug_hint (may be NULL) is copied (first 63 bytes) and shown by
  * nq_queue_dump. NQ_ELIMIT at max_handles, NQ_ENOMEM at memory_limit.
- * Slots are handed out in order, then the most recently freed first, and
+ * Slots are handed out in order, then the one freed longest ago first, and
  * what a notify writes in a slot takes half a cache line: the handles of
  * slots 2k and 2k + 1 (often two registered one after the other) share one.
  * Two threads that each notify one of such a pair at a high rate slow each
@@ -247,14 +255,14 @@ NQ_EXTERN int nq_unregister(nq_queue_t *q, nq_handle_t h);
 /* Notifies h with arg: completes every wait pending on h, pushes arg to every
  * subscription on h (a full one drops per its policy), bumps h's count.
  * Returns how many receivers got arg (waits completed + subscriptions that
- * stored it), or NQ_EINVAL / NQ_EBADH. Any thread; never allocates; wakers run
- * after h's lock is released, on this thread. */
+ * stored it), or NQ_EINVAL / NQ_EBADH. Any thread; never allocates, never
+ * waits for a client; wakers run after h is released, on this thread. */
 NQ_EXTERN int nq_notify(nq_queue_t *q, nq_handle_t h, int64_t arg);
 
 /* ---- Waits (oneshot) ---- */
 #define NQ_SEQ_NEXT UINT64_MAX
 
-/* Notifications so far on h. */
+/* Notifications so far on h (64 bits; lock-free: never held up by producers). */
 NQ_EXTERN int nq_seq(nq_queue_t *q, nq_handle_t h, uint64_t *seq);
 
 /* Blocks the calling thread until the first notification numbered after
@@ -269,7 +277,7 @@ NQ_EXTERN int nq_wait(nq_queue_t *q, nq_handle_t h, uint64_t after, int64_t time
 /* A waker is how the core tells any runtime that something is ready. wake(ctx)
  * runs on the thread that completed the wait or filled the subscription
  * (a notifier, or the thread calling nq_unregister / nq_queue_free), after
- * every library lock is released. It must be cheap and must not block; it may
+ * the handle is released. It must be cheap and must not block; it may
  * call libnq functions other than releasing the object it belongs to. */
 typedef struct nq_waker {
     void (*wake)(void *ctx);
@@ -301,15 +309,38 @@ typedef struct nq_sub_opts {
     uint32_t capacity; /* 0 = the queue's default. Exact: at most capacity unread args */
     nq_overflow_t overflow;
     const char *debug_hint;
-    nq_waker_t waker; /* optional: called when the subscription goes empty -> non-empty */
+    nq_waker_t waker; /* optional: called on the notifying thread when the
+                         subscription goes empty -> non-empty after a receive
+                         found it empty or left it so (and at creation), and
+                         once when its handle is unregistered */
 } nq_sub_opts_t;
 
+/* Subscribes to every notification on h from now on. A subscription is a
+ * ring of exactly `capacity` args that producers fill and receivers drain
+ * without any lock a producer takes. NQ_EINVAL (bad overflow, capacity above
+ * max_capacity), NQ_EBADH, NQ_ELIMIT (max_subscribers_per_handle), NQ_ENOMEM. */
 NQ_EXTERN int nq_subscribe(nq_queue_t *q, nq_handle_t h, const nq_sub_opts_t *opts,
                            nq_sub_t **out);
+/* Takes the oldest arg: 0, NQ_EAGAIN (empty), NQ_ECLOSED (its handle was
+ * unregistered and everything it held was received). Several threads may
+ * receive from one subscription; each arg goes to exactly one of them. */
 NQ_EXTERN int nq_sub_try_recv(nq_sub_t *s, int64_t *arg);
+/* Blocks until an arg, NQ_ECLOSED, or timeout_ns (CLOCK_MONOTONIC; < 0:
+ * none; 0: do not block) -> NQ_ETIMEDOUT. Spins briefly, then parks. One
+ * thread at a time may block on a subscription (NQ_EBUSY for a second).
+ * nq_sub_close from another thread while it blocks: it returns NQ_ECLOSED,
+ * and the close returns only after it has left. */
 NQ_EXTERN int nq_sub_recv(nq_sub_t *s, int64_t timeout_ns, int64_t *arg);
+/* Takes up to n args, oldest first: the count (>= 1), 0 when empty,
+ * NQ_ECLOSED as nq_sub_try_recv. */
 NQ_EXTERN int nq_sub_recv_batch(nq_sub_t *s, int64_t *args, size_t n);
+/* Args this subscription lost: refused while full (drop-newest) or
+ * overwritten unread (drop-oldest). Exact once producers and receivers are
+ * quiet: received + dropped + held == notifications sent to it. */
 NQ_EXTERN uint64_t nq_sub_dropped(const nq_sub_t *s);
+/* Detaches s from its handle and frees it (waiting for a receive blocked on
+ * it in another thread to return NQ_ECLOSED, and for a waker call in
+ * progress). A port subscription: on the port's thread. NULL is ignored. */
 NQ_EXTERN void nq_sub_close(nq_sub_t *s);
 
 /* ------------------------------------------------------------------------

@@ -1359,3 +1359,101 @@ Test(sub, a_drop_oldest_ring_lapped_by_a_running_producer_never_yields_a_stale_a
         nq_queue_free(c.q);
     }
 }
+
+/* A consumer driven only by a subscription's waker (each call posts a token
+ * on an evq the consumer waits on) drains in batches until one comes back
+ * short, as bench/cmp_flow's worker does. An arg pushed between the take
+ * that emptied the ring and the arm of its wake-up owes no wake: the
+ * receive must take it itself or announce it, or the consumer sleeps with
+ * args held (the first version of the receiver-armed wake-up lost exactly
+ * this one, and the worker hung). Batches of 1 (try_recv), 3 and 64. */
+struct wd_ctx {
+    nq_queue_t *q;
+    nq_handle_t h;
+    nq_sub_t *s;
+    nq_evq_t *evq;
+    long per_producer;
+    atomic_int producers_done;
+};
+
+static void wd_waker(void *ctx) {
+    nq_evq_notify(((struct wd_ctx *)ctx)->evq, 0);
+}
+
+static void *wd_producer(void *a) {
+    struct wd_ctx *c = a;
+    for (long k = 1; k <= c->per_producer; k++) {
+        nq_notify(c->q, c->h, k);
+        if ((k & 1023) == 0)
+            sched_yield(); /* let the consumer empty the ring now and then */
+    }
+    atomic_fetch_add(&c->producers_done, 1);
+    return NULL;
+}
+
+static void waker_driven_drain(size_t batch) {
+    struct wd_ctx c;
+    memset(&c, 0, sizeof(c));
+    c.q = new_queue(NULL);
+    c.h = reg(c.q);
+    c.per_producer = SCALE(300000);
+    cr_assert_eq(nq_evq_new(1, &c.evq), 0);
+    nq_sub_opts_t o;
+    memset(&o, 0, sizeof(o));
+    o.capacity = 256;
+    o.overflow = NQ_DROP_OLDEST;
+    o.waker = (nq_waker_t){wd_waker, &c};
+    cr_assert_eq(nq_subscribe(c.q, c.h, &o, &c.s), 0);
+    pthread_t t[2];
+    for (int i = 0; i < 2; i++)
+        cr_assert_eq(pthread_create(&t[i], NULL, wd_producer, &c), 0);
+    long received = 0, sent = 2 * c.per_producer;
+    int64_t buf[64];
+    uint32_t tok;
+    int64_t idle_since = 0;
+    for (;;) {
+        int n = nq_evq_wait(c.evq, &tok, 1, 100 * MS);
+        if (n == NQ_ETIMEDOUT) {
+            /* Producers done and no wake for a while: every arg must be in. */
+            if (atomic_load(&c.producers_done) == 2) {
+                if (idle_since == 0)
+                    idle_since = now_ns();
+                else if (now_ns() - idle_since > 2 * SEC)
+                    break;
+            }
+            continue;
+        }
+        idle_since = 0;
+        int got;
+        do { /* drain until a short batch, then wait for the waker */
+            got = batch == 1 ? (nq_sub_try_recv(c.s, buf) == 0) : nq_sub_recv_batch(c.s, buf, batch);
+            cr_assert_geq(got, 0);
+            received += got;
+        } while ((size_t)got == batch);
+        if (received + (long)nq_sub_dropped(c.s) == sent &&
+            atomic_load(&c.producers_done) == 2)
+            break;
+    }
+    for (int i = 0; i < 2; i++)
+        cr_assert_eq(pthread_join(t[i], NULL), 0);
+    long dropped = (long)nq_sub_dropped(c.s);
+    cr_assert_eq(received + dropped, sent,
+                 "batch %zu: %ld received + %ld dropped of %ld: a wake-up was lost with %llu "
+                 "args held",
+                 batch, received, dropped, sent, (unsigned long long)(sent - received - dropped));
+    nq_sub_close(c.s);
+    nq_evq_free(c.evq);
+    nq_queue_free(c.q);
+}
+
+Test(sub, a_waker_driven_consumer_draining_to_a_short_batch_loses_no_wakeup_1, .timeout = 120) {
+    waker_driven_drain(1);
+}
+
+Test(sub, a_waker_driven_consumer_draining_to_a_short_batch_loses_no_wakeup_3, .timeout = 120) {
+    waker_driven_drain(3);
+}
+
+Test(sub, a_waker_driven_consumer_draining_to_a_short_batch_loses_no_wakeup_64, .timeout = 120) {
+    waker_driven_drain(64);
+}

@@ -48,8 +48,11 @@
  *   park_wake happens after the receiver's park_prepare (HELD orders them).
  *   Under load the receiver never finds the ring empty, never arms, and no
  *   producer makes a wake-up. A waker runs at most once per arm: once per
- *   empty -> non-empty transition that its receiver observed (a receive
- *   that found the ring empty, or left it so), and once on close.
+ *   empty -> non-empty transition (a receive that saw the ring empty, or
+ *   left it so, arms before it returns; args pushed before the arm took
+ *   effect owe no wake, so it takes them with the room it has and arms
+ *   again, or, with no room, calls the waker itself: the one case where a
+ *   waker runs on a receiving thread), and once on close.
  */
 #include <string.h>
 
@@ -394,29 +397,41 @@ int nq__sub_arm_if_empty(nq_sub_t *s) {
 }
 
 /* One non-blocking receive of up to n args: the count (>= 1), NQ_EAGAIN
- * or NQ_ECLOSED. A receive that finds s empty arms its waker, if any. */
+ * or NQ_ECLOSED. A receive that saw the ring empty (it got less than it
+ * asked for, or left it empty) arms the wake-up, if s has a waker, before it
+ * leaves. Args pushed before the arm took effect owe no wake: it takes them
+ * too while it has room, and arms again, until the arm holds on an empty
+ * ring; with no room left it calls the waker itself (after leaving), so no
+ * empty -> non-empty transition goes unannounced. */
 static int nq__sub_recv_some(nq_sub_t *s, int64_t *out, size_t n) {
     int rc = nq__sub_enter(s);
     if (rc < 0)
         return rc;
     size_t k = nq__sub_take(s, out, n);
-    unsigned told = 0;
-    if (k == 0) {
-        /* Acquire pairs with the release of closed: every push before the
-         * close is visible to the second look. */
-        if (atomic_load_explicit(&s->closed, memory_order_acquire)) {
-            k = nq__sub_take(s, out, n);
-            if (k == 0) {
-                told = NQ__R_TOLD;
-                rc = NQ_ECLOSED;
+    nq_waker_t self = {NULL, NULL};
+    if (s->waker.wake != NULL && (k < n || !nq__sub_has_args(s))) {
+        while (!nq__sub_arm(s) && !atomic_load_explicit(&s->closed, memory_order_acquire)) {
+            if (k == n) {
+                self = s->waker; /* args came, no room: announce them */
+                break;
             }
-        } else if (s->waker.wake != NULL && !nq__sub_arm(s)) {
-            k = nq__sub_take(s, out, n); /* came in while we armed */
+            k += nq__sub_take(s, out + k, n - k);
         }
-    } else if (s->waker.wake != NULL && !nq__sub_has_args(s)) {
-        (void)nq__sub_arm(s); /* we emptied it: the next arg wakes the owner */
+    }
+    unsigned told = 0;
+    /* Acquire pairs with the release of closed: every push before the close
+     * is visible to the second look. */
+    if (k == 0 && atomic_load_explicit(&s->closed, memory_order_acquire)) {
+        k = nq__sub_take(s, out, n);
+        if (k == 0) {
+            told = NQ__R_TOLD;
+            rc = NQ_ECLOSED;
+        }
     }
     nq__sub_leave(s, told);
+    /* After leaving: the waker may receive from s itself. */
+    if (self.wake != NULL)
+        self.wake(self.ctx);
     if (rc < 0)
         return rc;
     return k > 0 ? (int)k : NQ_EAGAIN;
