@@ -31,8 +31,8 @@ void nq_config_init(nq_config_t *cfg) {
     cfg->max_capacity = NQ__DEF_MAX_CAPACITY;
 }
 
-NQ__CACHELINE_ALIGNED nq__hslot_t nq__dead_chunk[NQ__CHUNK_SLOTS] = {
-    [0 ... NQ__CHUNK_SLOTS - 1] = {.word = NQ__W_DEAD}};
+nq__slot_t nq__dead_chunk[NQ__CHUNK_SLOTS] = {
+    [0 ... NQ__CHUNK_SLOTS - 1] = {.hot = {.word = NQ__W_DEAD}}};
 
 static uint32_t nq__nchunks(uint32_t max_handles) {
     return (max_handles + NQ__CHUNK_SLOTS - 1) >> NQ__CHUNK_SHIFT;
@@ -47,13 +47,13 @@ static inline uint32_t nq__chunk_slots(const nq_queue_t *q, uint32_t c) {
 /* Bytes of chunk c as allocated (and charged): its slots' hot and cold
  * parts, rounded up to a cache line by nq__aligned_alloc. */
 static size_t nq__chunk_bytes_for(uint32_t nslots) {
-    size_t b = (size_t)nslots * (sizeof(nq__hslot_t) + sizeof(nq__hcold_t));
+    size_t b = (size_t)nslots * sizeof(nq__slot_t);
     return (b + NQ__CACHELINE - 1) & ~(size_t)(NQ__CACHELINE - 1);
 }
 
 /* 0 = derived: what the limits can use at most, saturated. */
 static size_t nq__derived_memory(const nq_config_t *c) {
-    double per_handle = (double)sizeof(nq__hslot_t) + sizeof(nq__hcold_t) + NQ__HINT_MAX +
+    double per_handle = (double)sizeof(nq__slot_t) + NQ__HINT_MAX +
                         (double)c->max_waiters_per_handle * NQ__WAIT_BYTES_MAX +
                         (double)c->max_subscribers_per_handle *
                             (NQ__SUB_BYTES_MAX + NQ__HINT_MAX + sizeof(void *) +
@@ -182,16 +182,16 @@ static int nq__chunk_new(nq_queue_t *q, uint32_t c) {
     size_t bytes = nq__chunk_bytes_for(nq__chunk_slots(q, c));
     if (nq__mem_reserve(q, bytes) < 0)
         return NQ_ENOMEM;
-    nq__hslot_t *slots = nq__aligned_alloc(NQ__CACHELINE, bytes);
+    nq__slot_t *slots = nq__aligned_alloc(NQ__CACHELINE, bytes);
     if (slots == NULL) {
         nq__mem_release(q, bytes);
         return NQ_ENOMEM;
     }
     memset(slots, 0, bytes);
     for (size_t i = 0; i < nq__chunk_slots(q, c); i++) {
-        atomic_init(&slots[i].word, NQ__W_DEAD);
-        atomic_init(&slots[i].arg0, 0);
-        atomic_init(&slots[i].arg1, 0);
+        atomic_init(&slots[i].hot.word, NQ__W_DEAD);
+        atomic_init(&slots[i].hot.arg0, 0);
+        atomic_init(&slots[i].hot.arg1, 0);
     }
     /* Release pairs with the acquire in nq__slot_at. */
     atomic_store_explicit(&q->chunks[c], slots, memory_order_release);
@@ -318,7 +318,7 @@ static void nq__queue_destroy(nq_queue_t *q) {
         nq__free(nq__slot_cold(q, i)->subs);
     /* Relaxed: the last unref (acq_rel) ordered every publication before us. */
     for (uint32_t c = 0; c < nq__nchunks(q->cfg.max_handles); c++) {
-        nq__hslot_t *chunk = atomic_load_explicit(&q->chunks[c], memory_order_relaxed);
+        nq__slot_t *chunk = atomic_load_explicit(&q->chunks[c], memory_order_relaxed);
         if (chunk != nq__dead_chunk)
             nq__free(chunk);
     }

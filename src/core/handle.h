@@ -105,8 +105,10 @@ static inline uint32_t nq__w_id(uint64_t w) {
 struct nq_wait;
 struct nq_sub;
 
-/* One handle: a hot part (what a notify touches: 32 bytes, two to a line,
- * never straddling one) and a cold part (lists, hint), 56 bytes in all. */
+/* One handle: 64 bytes, one cache line of its own (no false sharing with a
+ * neighbour): a hot part (the first 32 bytes, all a notify without
+ * receivers touches) and a cold part (lists, hint) that the slow path reads
+ * from the same line. */
 typedef struct nq__hslot {
     _Atomic uint64_t word;
     _Atomic int64_t arg0;    /* H5: the newest arg, of even generations */
@@ -126,8 +128,19 @@ typedef struct nq__hcold { /* under HELD */
     uint8_t retired; /* generations ran out: never reused (and q->lock) */
 } nq__hcold_t;
 
+typedef struct nq__slot {
+    NQ__CACHELINE_ALIGNED nq__hslot_t hot; /* first: a hot part's address is the slot's */
+    nq__hcold_t cold;
+} nq__slot_t;
+
+/* The cold part of the slot whose hot part is s. */
+static inline nq__hcold_t *nq__cold(nq__hslot_t *s) {
+    return &((nq__slot_t *)(void *)s)->cold;
+}
+
 #define NQ__CHUNK_SHIFT 6
 #define NQ__CHUNK_SLOTS (1u << NQ__CHUNK_SHIFT)
+_Static_assert(sizeof(nq__slot_t) == NQ__CACHELINE, "a handle is one cache line");
 _Static_assert(sizeof(nq__hslot_t) == 32, "a handle's hot part is 32 bytes");
 _Static_assert(offsetof(nq__hslot_t, arg1) == offsetof(nq__hslot_t, arg0) + 16,
                "nq__arg_cell picks a cell with generation bit 0 (id bit 4) as the offset");
@@ -148,7 +161,7 @@ struct nq_queue {
     uint32_t gen_mask;    /* generations wrap within this mask (tests narrow it) */
     /* The chunk directory: chunk c holds slots c * NQ__CHUNK_SLOTS onwards,
      * published (release) once initialised, read with acquire. */
-    _Atomic(nq__hslot_t *) *chunks;
+    _Atomic(nq__slot_t *) *chunks;
     pthread_mutex_t lock; /* chunk allocation, free list, counters below */
     uint32_t used;        /* slots ever created */
     uint32_t free_head;   /* FIFO free list (index + 1), 0 = empty */
@@ -184,14 +197,14 @@ static inline void nq__spin_pause(unsigned i) {
 
 /* A chunk not allocated yet is this one: dead slots, never written (every
  * hold of one fails its id check), so a lookup needs no NULL check. */
-extern nq__hslot_t nq__dead_chunk[NQ__CHUNK_SLOTS];
+extern nq__slot_t nq__dead_chunk[NQ__CHUNK_SLOTS];
 
 /* The slot of index (in nq__dead_chunk if its chunk is not allocated). */
 static inline nq__hslot_t *nq__slot_at(nq_queue_t *q, uint32_t index) {
     /* Acquire pairs with the release that published the chunk. */
-    nq__hslot_t *c =
+    nq__slot_t *c =
         atomic_load_explicit(&q->chunks[index >> NQ__CHUNK_SHIFT], memory_order_acquire);
-    return c + (index & (NQ__CHUNK_SLOTS - 1));
+    return &c[index & (NQ__CHUNK_SLOTS - 1)].hot;
 }
 
 /* The slot a handle value names (its generation not checked yet), with its
@@ -213,16 +226,9 @@ static inline nq_handle_t nq__handle_of(const nq_queue_t *q, uint32_t index, uin
     return ((uint64_t)id << 32) | (uint64_t)(q->lo_base + index);
 }
 
-/* The cold part of a slot whose chunk is allocated: after the chunk's hot
- * parts (NQ__CHUNK_SLOTS of them, or what is left of max_handles). */
+/* The cold part of a slot whose chunk is allocated. */
 static inline nq__hcold_t *nq__slot_cold(nq_queue_t *q, uint32_t index) {
-    uint32_t c = index >> NQ__CHUNK_SHIFT;
-    uint32_t n = q->cfg.max_handles - (c << NQ__CHUNK_SHIFT);
-    /* Relaxed: the caller found the hot part, which ordered the chunk's
-     * initialisation before it (acquire in nq__slot_at). */
-    nq__hslot_t *hot = atomic_load_explicit(&q->chunks[c], memory_order_relaxed);
-    return (nq__hcold_t *)(hot + (n > NQ__CHUNK_SLOTS ? NQ__CHUNK_SLOTS : n)) +
-           (index & (NQ__CHUNK_SLOTS - 1));
+    return nq__cold(nq__slot_at(q, index));
 }
 
 /* Takes HELD on s if its word matches id (live, that generation): returns

@@ -54,8 +54,9 @@
  * the loop comes back through its I/O watcher like for any other work.
  * Before the idle path, a dispatch with budget to spare may watch the evq
  * for a few microseconds (adaptive: see nq__port_spin_worth_it) and run
- * what arrives; that only delays the idle path, it changes none of the
- * steps above.
+ * what arrives, round after round while each round catches work (a
+ * producer in flow), up to NQ__PORT_SPIN_ROUNDS rounds and NQ__PORT_SPIN_NS;
+ * that only delays the idle path, it changes none of the steps above.
  *
  * Tokens are reused after their item is gone; a stale token can still come
  * out of the evq (a late waker), so dispatch checks each item's own state
@@ -77,6 +78,10 @@
 /* Pauses dispatch watches an empty evq before it goes idle: a few
  * microseconds, against a wake-up's eventfd write, read and loop sleep. */
 #define NQ__PORT_SPINS 128
+/* Rounds of watching a dispatch may make while each one catches work (a
+ * producer in full flow), and the time they may take together. */
+#define NQ__PORT_SPIN_ROUNDS 64u
+#define NQ__PORT_SPIN_NS 200000
 
 enum { NQ__PI_NONE = 0, NQ__PI_WAIT, NQ__PI_SUB };
 
@@ -574,6 +579,23 @@ static int nq__psub_due(nq_sub_t *s) {
     return nq__sub_has_args(s) || nq__sub_closed_untold(s);
 }
 
+static int nq__port_spin_worth_it(nq_port_t *p);
+
+/* Watches an empty subscription for up to NQ__PORT_SPINS pauses (when the
+ * spins pay: nq__port_spin_worth_it): 1 if args came. */
+static int nq__port_watch(nq_port_t *p, nq_sub_t *s) {
+    if (!nq__port_spin_worth_it(p))
+        return 0;
+    int hit = 0;
+    for (int i = 0; i < NQ__PORT_SPINS && !(hit = nq__sub_has_args(s)); i++)
+        nq__cpu_relax();
+    p->spin_misses = hit ? 0 : p->spin_misses + 1;
+    atomic_fetch_add_explicit(&p->idle_spins, 1, memory_order_relaxed);
+    if (hit)
+        atomic_fetch_add_explicit(&p->idle_spin_hits, 1, memory_order_relaxed);
+    return hit;
+}
+
 static int nq__port_run_sub(nq_port_t *p, nq__psub_t *ps) {
     nq_sub_t *s = &ps->s;
     if (!nq__psub_due(s))
@@ -586,10 +608,15 @@ static int nq__port_run_sub(nq_port_t *p, nq__psub_t *ps) {
         nq__psub_close(s);
         return 1;
     }
-    /* Level-triggered: again in a later dispatch while it is due. Empty:
+    /* Level-triggered: again in a later dispatch while it is due. Empty,
+     * and nothing else to run: a producer in flow pushes again within a
+     * few microseconds, so watch the ring for a moment before arming (an
+     * arm is an exchange on the handle's word, and then a wake-up with a
+     * token and maybe an eventfd write for the producer to make). Then
      * arm its wake-up (a callback that drained it exactly may not have),
      * and look again, since an arg may have come before the arm. */
-    if (!nq__sub_arm_if_empty(s) && nq__psub_due(s))
+    if (nq__psub_due(s) || (nq__evq_pending(p->ready) == 0 && nq__port_watch(p, s)) ||
+        (!nq__sub_arm_if_empty(s) && nq__psub_due(s)))
         nq_evq_notify(p->ready, ps->token);
     return 1;
 }
@@ -729,19 +756,29 @@ int nq_port_dispatch(nq_port_t *p, unsigned budget) {
      * loop), watch the evq for a moment; a producer in full flow notifies
      * again within it. One round at most per dispatch, within the budget,
      * so a flood cannot keep a dispatch from returning. */
-    if (!p->free_deferred && !p->stop && taken < room &&
-        nq__evq_pending(p->ready) == 0 && nq__port_spin_worth_it(p)) {
+    int64_t spin_start = 0;
+    for (unsigned round = 0; !p->free_deferred && !p->stop && taken < room &&
+                             nq__evq_pending(p->ready) == 0 && nq__port_spin_worth_it(p);
+         round++) {
         for (int i = 0; i < NQ__PORT_SPINS && nq__evq_pending(p->ready) == 0; i++)
             nq__cpu_relax();
         uint64_t more = nq__evq_pending(p->ready);
         p->spin_misses = more > 0 ? 0 : p->spin_misses + 1;
         atomic_fetch_add_explicit(&p->idle_spins, 1, memory_order_relaxed);
-        if (more > 0)
-            atomic_fetch_add_explicit(&p->idle_spin_hits, 1, memory_order_relaxed);
+        if (more == 0)
+            break;
+        atomic_fetch_add_explicit(&p->idle_spin_hits, 1, memory_order_relaxed);
         if (more > room - taken)
             more = room - taken;
-        if (more > 0)
-            nq__port_run_batch(p, more, &ran);
+        taken += nq__port_run_batch(p, more, &ran);
+        /* A producer in flow: watch again, while the budget lasts, for at
+         * most NQ__PORT_SPIN_ROUNDS rounds and NQ__PORT_SPIN_NS in all, so
+         * the loop's other watchers wait a bounded time. */
+        if (round == 0)
+            spin_start = nq__now_ns();
+        else if (round + 1 >= NQ__PORT_SPIN_ROUNDS ||
+                 ((round & 7) == 7 && nq__now_ns() - spin_start > NQ__PORT_SPIN_NS))
+            break;
     }
     p->stop = 0;
 

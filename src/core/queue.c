@@ -4,7 +4,7 @@
  * is the only one that uses all three.
  *
  * The path of one notification (nq_notify):
- *   slot = chunks[index(h) / 64] + index % 64    one acquire load
+ *   slot = chunks[index(h) / 64] + index % 64    one acquire load, one line
  *   w = load(word); a stale handle stops here     NQ_EBADH (H4)
  *   no waits, no subscriptions (H3):
  *     arg cell = arg; CAS word: seq + 1            one RMW, nothing to release
@@ -28,9 +28,8 @@
 #define NQ__NOINLINE
 #endif
 
-/* The slow path of a notify to slot s (index) with a valid-looking id. */
-static NQ__NOINLINE int nq__notify_slow(nq_queue_t *q, nq__hslot_t *s, uint32_t index,
-                                        uint32_t id, int64_t arg) {
+/* The slow path of a notify to slot s with an id of valid form. */
+static NQ__NOINLINE int nq__notify_slow(nq__hslot_t *s, uint32_t id, int64_t arg) {
     uint64_t w = nq__hold(s, id);
     if (w == 0)
         return NQ_EBADH;
@@ -45,7 +44,7 @@ static NQ__NOINLINE int nq__notify_slow(nq_queue_t *q, nq__hslot_t *s, uint32_t 
     unsigned nwake = 0;
     nq_wait_t *done = NULL;
     if (w & (NQ__W_RECV | NQ__W_WAITERS)) {
-        nq__hcold_t *cold = nq__slot_cold(q, index);
+        nq__hcold_t *cold = nq__cold(s);
         if (w & NQ__W_RECV) {
             nq_sub_t **subs = cold->subs;
             for (unsigned i = 0, n = s->nsubs; i < n; i++)
@@ -56,10 +55,11 @@ static NQ__NOINLINE int nq__notify_slow(nq_queue_t *q, nq__hslot_t *s, uint32_t 
             for (nq_wait_t *x = cold->waiters, *next; x != NULL; x = next) {
                 next = x->next;
                 if (x->after < seq) { /* the first notification numbered after `after` */
-                    nq__wait_complete_held(s, cold, x, &w, 0, arg, &done);
+                    nq__wait_complete_held(s, cold, x, 0, arg, &done);
                     reached++;
                 }
             }
+            w = nq__waiters_flag(s, w);
         }
     }
     nq__release(s, w);
@@ -95,7 +95,7 @@ int nq_notify(nq_queue_t *q, nq_handle_t h, int64_t arg) {
                                                   memory_order_relaxed))
             return 0;
     }
-    return nq__notify_slow(q, s, idx, id, arg);
+    return nq__notify_slow(s, id, arg);
 }
 
 int nq_unregister(nq_queue_t *q, nq_handle_t h) {
@@ -111,12 +111,12 @@ int nq_unregister(nq_queue_t *q, nq_handle_t h) {
         pthread_mutex_unlock(&q->lock);
         return NQ_EBADH;
     }
-    nq__hcold_t *cold = nq__slot_cold(q, index);
+    nq__hcold_t *cold = nq__cold(s);
     nq_wait_t *done = NULL;
     nq_sub_t *wake[NQ__MAX_SUBS];
     unsigned nwake = 0;
     while (cold->waiters != NULL)
-        nq__wait_complete_held(s, cold, cold->waiters, &w, NQ_ECLOSED, 0, &done);
+        nq__wait_complete_held(s, cold, cold->waiters, NQ_ECLOSED, 0, &done);
     for (unsigned i = 0; i < s->nsubs; i++)
         nq__sub_close_held(cold->subs[i], wake, &nwake);
     s->nsubs = 0;

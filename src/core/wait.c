@@ -41,7 +41,7 @@ void nq__wait_init(nq_wait_t *w, int kind, nq_waker_t waker, uint32_t bytes, uin
     nq__park_init(&w->park);
 }
 
-static void nq__wait_unlink_held(nq__hslot_t *s, nq__hcold_t *cold, nq_wait_t *w, uint64_t *word) {
+static void nq__wait_unlink_held(nq__hslot_t *s, nq__hcold_t *cold, nq_wait_t *w) {
     if (w->prev != NULL)
         w->prev->next = w->next;
     else
@@ -50,14 +50,13 @@ static void nq__wait_unlink_held(nq__hslot_t *s, nq__hcold_t *cold, nq_wait_t *w
         w->next->prev = w->prev;
     w->prev = w->next = NULL;
     w->listed = 0;
-    if (--s->nwaiters == 0)
-        *word &= ~NQ__W_WAITERS; /* W2 */
+    s->nwaiters--; /* the caller clears WAITERS at 0 (W2) */
 }
 
-void nq__wait_complete_held(nq__hslot_t *s, nq__hcold_t *cold, nq_wait_t *w, uint64_t *word,
-                            int status, int64_t arg, nq_wait_t **done) {
+void nq__wait_complete_held(nq__hslot_t *s, nq__hcold_t *cold, nq_wait_t *w, int status,
+                            int64_t arg, nq_wait_t **done) {
     nq_queue_t *q = w->q;
-    nq__wait_unlink_held(s, cold, w, word);
+    nq__wait_unlink_held(s, cold, w);
     w->status = status;
     w->arg = arg;
     /* Counted under HELD, which nq__wait_quiesce takes before it reads
@@ -102,8 +101,8 @@ int nq__wait_cancel_as(nq_wait_t *w, int status, int run_waker) {
     uint64_t word = nq__hold_any(s);
     int listed = w->listed;
     if (listed)
-        nq__wait_complete_held(s, nq__slot_cold(w->q, w->index), w, &word, status, 0, &done);
-    nq__release(s, word);
+        nq__wait_complete_held(s, nq__cold(s), w, status, 0, &done);
+    nq__release(s, nq__waiters_flag(s, word));
     if (!listed)
         return NQ_EALREADY;
     if (run_waker)
@@ -141,7 +140,7 @@ int nq__wait_attach(nq_queue_t *q, nq_handle_t h, uint64_t after, nq_wait_t *w) 
         nq__release(s, word);
         return NQ_ELIMIT;
     }
-    nq__hcold_t *cold = nq__slot_cold(q, w->index);
+    nq__hcold_t *cold = nq__cold(s);
     w->prev = NULL;
     w->next = cold->waiters;
     if (cold->waiters != NULL)

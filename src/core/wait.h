@@ -43,10 +43,14 @@ void nq__wait_init(nq_wait_t *w, int kind, nq_waker_t waker, uint32_t bytes, uin
  * */
 int nq__wait_attach(nq_queue_t *q, nq_handle_t h, uint64_t after, nq_wait_t *w);
 /* Under HELD of w's slot: completes w (unlinks it, stores status and arg),
- * appending it to *done for nq__wait_run_wakers. *word is the held word:
- * WAITERS is cleared in it when the list empties. */
-void nq__wait_complete_held(nq__hslot_t *s, nq__hcold_t *cold, nq_wait_t *w, uint64_t *word,
-                            int status, int64_t arg, nq_wait_t **done);
+ * appending it to *done for nq__wait_run_wakers. The caller clears WAITERS
+ * in the word it releases when s->nwaiters drops to 0 (W2). */
+void nq__wait_complete_held(nq__hslot_t *s, nq__hcold_t *cold, nq_wait_t *w, int status,
+                            int64_t arg, nq_wait_t **done);
+/* The word to release after completions: WAITERS cleared if none is left. */
+static inline uint64_t nq__waiters_flag(const nq__hslot_t *s, uint64_t w) {
+    return s->nwaiters == 0 ? w & ~NQ__W_WAITERS : w;
+}
 /* Runs the wakers of completed waits, outside HELD, each exactly once. */
 void nq__wait_run_wakers(nq_wait_t *done);
 /* Completes w with status if still pending: 0, or NQ_EALREADY. run_waker:
