@@ -23,6 +23,14 @@
 #define NQ__UNLIKELY(x) (x)
 #endif
 
+#if defined(__GNUC__) || defined(__clang__)
+#define NQ__NOINLINE __attribute__((noinline))
+#define NQ__INLINE inline __attribute__((always_inline))
+#else
+#define NQ__NOINLINE
+#define NQ__INLINE inline
+#endif
+
 /* A hint to the CPU that this is a spin-wait loop. */
 static inline void nq__cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)

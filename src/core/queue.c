@@ -22,45 +22,48 @@
 
 #include "core/queue.h"
 
-#if defined(__GNUC__) || defined(__clang__)
-#define NQ__NOINLINE __attribute__((noinline))
-#else
-#define NQ__NOINLINE
-#endif
+/* Completes the waits on s due at seq with arg (under HELD): the list of
+ * their wakers to run; *reached counts them. */
+static NQ__NOINLINE nq_wait_t *nq__complete_due(nq__hslot_t *s, uint64_t seq, int64_t arg,
+                                                int *reached) {
+    nq_wait_t *done = NULL;
+    nq__hcold_t *cold = nq__cold(s);
+    for (nq_wait_t *x = cold->waiters, *next; x != NULL; x = next) {
+        next = x->next;
+        if (x->after < seq) { /* the first notification numbered after `after` */
+            nq__wait_complete_held(s, cold, x, 0, arg, &done);
+            ++*reached;
+        }
+    }
+    return done;
+}
 
-/* The slow path of a notify to slot s with an id of valid form. */
-static NQ__NOINLINE int nq__notify_slow(nq__hslot_t *s, uint32_t id, int64_t arg) {
-    uint64_t w = nq__hold(s, id);
-    if (w == 0)
-        return NQ_EBADH;
+/* The held part of a notify: w is the word as held (HELD set). Pushes to
+ * every subscription and completes due waits, releases, then runs the
+ * wake-ups owed (at most nsubs: wake has room for them). */
+static NQ__INLINE int nq__notify_held(nq__hslot_t *s, uint64_t w, uint32_t id, int64_t arg,
+                                      nq_sub_t **wake) {
     atomic_store_explicit(nq__arg_cell(s, id), arg, memory_order_relaxed);
     w += NQ__W_SEQ_ONE;
-    if ((w >> 32) == 0) /* the low half carried (H2: written under HELD) */
+    if (NQ__UNLIKELY((w >> 32) == 0)) /* the low half carried (H2: written under HELD) */
         atomic_store_explicit(&s->seq_hi,
                               atomic_load_explicit(&s->seq_hi, memory_order_relaxed) + 1,
                               memory_order_relaxed);
     int reached = 0;
-    nq_sub_t *wake[NQ__MAX_SUBS];
     unsigned nwake = 0;
     nq_wait_t *done = NULL;
-    if (w & (NQ__W_RECV | NQ__W_WAITERS)) {
-        nq__hcold_t *cold = nq__cold(s);
-        if (w & NQ__W_RECV) {
-            nq_sub_t **subs = cold->subs;
-            for (unsigned i = 0, n = s->nsubs; i < n; i++)
-                reached += nq__sub_push_held(subs[i], arg, wake, &nwake);
+    if (w & NQ__W_RECV) {
+        nq_sub_t **subs = nq__cold(s)->subs;
+        for (unsigned i = 0, n = s->nsubs; i < n; i++) {
+            unsigned r = nq__sub_push_held(subs[i], arg);
+            reached += r & NQ__PUSH_STORED;
+            if (NQ__UNLIKELY(r & NQ__PUSH_WAKE))
+                wake[nwake++] = subs[i];
         }
-        if (w & NQ__W_WAITERS) {
-            uint64_t seq = nq__held_seq(s, w);
-            for (nq_wait_t *x = cold->waiters, *next; x != NULL; x = next) {
-                next = x->next;
-                if (x->after < seq) { /* the first notification numbered after `after` */
-                    nq__wait_complete_held(s, cold, x, 0, arg, &done);
-                    reached++;
-                }
-            }
-            w = nq__waiters_flag(s, w);
-        }
+    }
+    if (NQ__UNLIKELY(w & NQ__W_WAITERS)) {
+        done = nq__complete_due(s, nq__held_seq(s, w), arg, &reached);
+        w = nq__waiters_flag(s, w);
     }
     nq__release(s, w);
     if (NQ__UNLIKELY(done != NULL))
@@ -68,6 +71,26 @@ static NQ__NOINLINE int nq__notify_slow(nq__hslot_t *s, uint32_t id, int64_t arg
     if (NQ__UNLIKELY(nwake != 0))
         nq__sub_run_wakers(wake, nwake);
     return reached;
+}
+
+#define NQ__FEW_SUBS 16
+
+/* A handle with more subscriptions than NQ__FEW_SUBS: the same, with room
+ * for a wake-up per subscription (8 KiB of stack, only here). */
+static NQ__NOINLINE int nq__notify_many(nq__hslot_t *s, uint64_t w, uint32_t id, int64_t arg) {
+    nq_sub_t *wake[NQ__MAX_SUBS];
+    return nq__notify_held(s, w, id, arg, wake);
+}
+
+/* The slow path of a notify to slot s with an id of valid form. */
+static NQ__NOINLINE int nq__notify_slow(nq__hslot_t *s, uint32_t id, int64_t arg) {
+    uint64_t w = nq__hold(s, id);
+    if (w == 0)
+        return NQ_EBADH;
+    if (NQ__UNLIKELY(s->nsubs > NQ__FEW_SUBS))
+        return nq__notify_many(s, w, id, arg);
+    nq_sub_t *wake[NQ__FEW_SUBS];
+    return nq__notify_held(s, w, id, arg, wake);
 }
 
 int nq_notify(nq_queue_t *q, nq_handle_t h, int64_t arg) {

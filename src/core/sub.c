@@ -224,7 +224,9 @@ void nq__sub_close_held(nq_sub_t *s, nq_sub_t **wake, unsigned *nwake) {
     atomic_store_explicit(&s->armed, 0, memory_order_relaxed);
     /* Release: a receiver that sees closed sees every push before it. */
     atomic_store_explicit(&s->closed, 1, memory_order_release);
-    nq__sub_owe_wake(s, wake, nwake);
+    /* Counted under HELD (see nq__sub_quiesce). */
+    atomic_fetch_add_explicit(&s->inflight, 1, memory_order_relaxed);
+    wake[(*nwake)++] = s;
 }
 
 void nq__sub_run_wakers(nq_sub_t **wake, unsigned nwake) {

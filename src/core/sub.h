@@ -58,18 +58,12 @@ int nq__sub_alloc(nq_queue_t *q, const nq_sub_opts_t *opts, size_t bytes, nq_sub
 /* Attaches s to h (armed if it has a waker); on failure s stays unattached
  * for nq__sub_destroy. */
 int nq__sub_attach(nq_sub_t *s, nq_handle_t h);
-/* Under HELD: pushes arg; 1 if stored. Appends s to wake[] (*nwake) when
- * its receiver armed a wake-up, counting one waker call in flight. Inline:
- * the notify path's inner loop. */
-static inline void nq__sub_owe_wake(nq_sub_t *s, nq_sub_t **wake, unsigned *nwake) {
-    /* Counted under HELD, which nq__sub_quiesce takes before it reads
-     * inflight: it cannot miss this increment. */
-    atomic_fetch_add_explicit(&s->inflight, 1, memory_order_relaxed);
-    wake[(*nwake)++] = s;
-}
+#define NQ__PUSH_STORED 1u /* the arg was stored */
+#define NQ__PUSH_WAKE 2u   /* its receiver armed a wake-up, now owed (inflight counted) */
 
-static inline int nq__sub_push_held(nq_sub_t *s, int64_t arg, nq_sub_t **wake,
-                                    unsigned *nwake) {
+/* Under HELD: pushes arg; NQ__PUSH_* bits. Inline: the notify path's inner
+ * loop. */
+static NQ__INLINE unsigned nq__sub_push_held(nq_sub_t *s, int64_t arg) {
     /* Relaxed: the only writer is us (HELD); S1-S3 of sub.c. */
     uint64_t t2 = atomic_load_explicit(&s->tail, memory_order_relaxed);
     uint64_t t = t2 >> 1;
@@ -95,11 +89,13 @@ static inline int nq__sub_push_held(nq_sub_t *s, int64_t arg, nq_sub_t **wake,
     /* Release: the cell before the position that publishes it. */
     atomic_store_explicit(&s->tail, 2 * t + 2, memory_order_release);
     s->tidx = i + 1 == s->capacity ? 0 : i + 1;
-    if (NQ__UNLIKELY(atomic_load_explicit(&s->armed, memory_order_relaxed))) {
-        atomic_store_explicit(&s->armed, 0, memory_order_relaxed); /* taken */
-        nq__sub_owe_wake(s, wake, nwake);
-    }
-    return 1;
+    if (NQ__LIKELY(!atomic_load_explicit(&s->armed, memory_order_relaxed)))
+        return NQ__PUSH_STORED;
+    /* Taken. Counted under HELD, which nq__sub_quiesce takes before it
+     * reads inflight: it cannot miss this increment. */
+    atomic_store_explicit(&s->armed, 0, memory_order_relaxed);
+    atomic_fetch_add_explicit(&s->inflight, 1, memory_order_relaxed);
+    return NQ__PUSH_STORED | NQ__PUSH_WAKE;
 }
 
 /* Under HELD and q->lock (nq_unregister): the handle is gone. Always owes
