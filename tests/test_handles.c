@@ -232,6 +232,11 @@ Test(handles, garbage_handles_get_ebadh_from_every_call) {
         {((uint64_t)(gen - 1) << 32) | lo, "live slot, previous generation"},
         {(uint64_t)lo, "live slot, generation 0"},
         {live ^ (1ull << 63), "live slot, high generation bit flipped"},
+        /* The word's LIVE bit is bit 35 of a handle: without it, an id
+         * looks like a dead slot's (found by review: nq_notify said 0). */
+        {live & ~(8ull << 32), "live slot, LIVE bit cleared"},
+        {(uint64_t)(lo + 5), "slot never used, all-zero high half"},
+        {((uint64_t)(gen & ~8u) << 32) | (lo + 5), "slot never used, LIVE bit cleared"},
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         if (bad[i].h == live)
@@ -974,4 +979,67 @@ Test(handles, seq_carries_past_2_to_the_32) {
     cr_assert_eq(stats(q).notifies, 2 * (base + 7));
     nq_sub_close(s);
     nq_queue_free(q);
+}
+
+/* nq_seq reads the word without HELD; seq_hi changes with a carry of the
+ * low half. Readers on two threads check every nq_seq they make while a
+ * producer takes the handle across the carry again and again (the count is
+ * set to 2^32 k - 2 between rounds): none may be outside the round's
+ * [2^32 k - 2, 2^32 k + 1]. A reader that paired a carried seq_hi with the
+ * low half from before the carry was 2^32 off (found by review; caught in
+ * under 20 s by this loop before the fix). 2 s (NQ_LONG: 20 s). */
+static nq_queue_t *sc_q;
+static nq_handle_t sc_h;
+static atomic_ullong sc_gen, sc_checks, sc_bad;
+static atomic_int sc_stop;
+
+static void *sc_reader(void *a) {
+    (void)a;
+    while (!atomic_load(&sc_stop)) {
+        uint64_t g1 = atomic_load(&sc_gen);
+        if ((g1 & 1) || g1 == 0)
+            continue;
+        uint64_t v;
+        if (nq_seq(sc_q, sc_h, &v) != 0)
+            atomic_fetch_add(&sc_bad, 1);
+        if (atomic_load(&sc_gen) != g1)
+            continue;
+        uint64_t base = ((g1 / 2) << 32) - 2;
+        atomic_fetch_add(&sc_checks, 1);
+        if (v < base || v > base + 3)
+            atomic_fetch_add(&sc_bad, 1);
+    }
+    return NULL;
+}
+
+Test(handles, nq_seq_is_exact_across_the_carry_while_producers_carry_it, .timeout = 120) {
+    sc_q = new_queue(NULL);
+    sc_h = reg(sc_q, "carry");
+    atomic_store(&sc_gen, 0);
+    atomic_store(&sc_stop, 0);
+    atomic_store(&sc_bad, 0);
+    atomic_store(&sc_checks, 0);
+    pthread_t t[2];
+    for (int i = 0; i < 2; i++)
+        cr_assert_eq(pthread_create(&t[i], NULL, sc_reader, NULL), 0);
+    int64_t end = now_ns() + (nqt_long() ? 20 : 2) * (int64_t)1000000000;
+    unsigned long rounds = 0;
+    while (now_ns() < end && atomic_load(&sc_bad) == 0) {
+        for (int j = 0; j < 1000; j++, rounds++) {
+            uint64_t k = atomic_fetch_add(&sc_gen, 1) / 2 + 1; /* odd: changing */
+            cr_assert_eq(nq__handle_set_seq(sc_q, sc_h, (k << 32) - 2), 0);
+            atomic_fetch_add(&sc_gen, 1); /* even: this round's range holds */
+            for (int n = 0; n < 3; n++)
+                cr_assert_geq(nq_notify(sc_q, sc_h, n), 0);
+        }
+    }
+    atomic_store(&sc_stop, 1);
+    for (int i = 0; i < 2; i++)
+        cr_assert_eq(pthread_join(t[i], NULL), 0);
+    cr_log_info("%lu carries, %llu checked reads", rounds,
+                (unsigned long long)atomic_load(&sc_checks));
+    cr_assert_eq(atomic_load(&sc_bad), 0, "nq_seq was off by a carry %llu times",
+                 (unsigned long long)atomic_load(&sc_bad));
+    cr_assert_gt(atomic_load(&sc_checks), 0);
+    nq_queue_free(sc_q);
 }

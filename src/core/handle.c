@@ -285,21 +285,24 @@ int nq_seq(nq_queue_t *q, nq_handle_t h, uint64_t *seq) {
         return NQ_EBADH;
     uint32_t id = nq__h_id(h);
     /* Without HELD, so a reader is never held up by producers in flow:
-     * seq_hi changes only with a carry of the word's low half (under HELD,
-     * before the release that publishes the carried word), so an acquire
-     * of the word sees the seq_hi that goes with it, unless the low half
-     * is at 2^32 - 1 (a carry may be under way: take HELD) or carried
-     * between our two loads (look again). */
-    for (;;) {
+     * seq_hi changes only with a carry of the word's low half, made by a
+     * holder while the word in memory reads 2^32 - 1 (its store of seq_hi
+     * is release, before the release that publishes the carried word). Two
+     * loads of the word with the same low half, not 2^32 - 1, around an
+     * acquire load of seq_hi: no carry was under way or made between them,
+     * and seq_hi goes with that low half (a seq_hi newer than it would have
+     * made the second load see the held 2^32 - 1 or later). Else: HELD. */
+    for (int tries = 0; tries < 4; tries++) {
         uint64_t w = atomic_load_explicit(&s->word, memory_order_acquire);
         if (nq__w_id(w) != id)
             return NQ_EBADH;
-        if ((uint32_t)(w >> 32) == UINT32_MAX)
+        uint32_t lo = (uint32_t)(w >> 32);
+        if (lo == UINT32_MAX)
             break;
-        uint64_t v = nq__held_seq(s, w);
+        uint64_t hi = atomic_load_explicit(&s->seq_hi, memory_order_acquire);
         uint64_t w2 = atomic_load_explicit(&s->word, memory_order_acquire);
-        if ((w2 >> 32) >= (w >> 32)) {
-            *seq = v;
+        if ((uint32_t)(w2 >> 32) == lo) {
+            *seq = (hi << 32) | lo;
             return 0;
         }
     }
@@ -315,7 +318,8 @@ int nq_seq(nq_queue_t *q, nq_handle_t h, uint64_t *seq) {
 
 static void nq__queue_destroy(nq_queue_t *q) {
     for (uint32_t i = 0; i < q->used; i++)
-        nq__free(nq__slot_cold(q, i)->subs);
+        if (nq__slot_cold(q, i)->subs_cap >= 2)
+            nq__free(nq__slot_cold(q, i)->subs);
     /* Relaxed: the last unref (acq_rel) ordered every publication before us. */
     for (uint32_t c = 0; c < nq__nchunks(q->cfg.max_handles); c++) {
         nq__slot_t *chunk = atomic_load_explicit(&q->chunks[c], memory_order_relaxed);

@@ -121,7 +121,10 @@ typedef struct nq__hslot {
 
 typedef struct nq__hcold { /* under HELD */
     struct nq_wait *waiters; /* doubly linked, newest first */
-    struct nq_sub **subs;    /* array of nsubs, subs_cap allocated */
+    union {
+        struct nq_sub **subs; /* subs_cap >= 2: an array of nsubs, subs_cap allocated */
+        struct nq_sub *sub1;  /* subs_cap 1: the one subscriber, in place */
+    };
     char *hint;
     uint32_t next_free; /* under q->lock, while free: free list link (index + 1) */
     uint16_t subs_cap;
@@ -132,6 +135,11 @@ typedef struct nq__slot {
     NQ__CACHELINE_ALIGNED nq__hslot_t hot; /* first: a hot part's address is the slot's */
     nq__hcold_t cold;
 } nq__slot_t;
+
+/* The handle's subscribers (nsubs of them): in place for the first. */
+static inline struct nq_sub **nq__cold_subs(nq__hcold_t *c) {
+    return c->subs_cap <= 1 ? &c->sub1 : c->subs;
+}
 
 /* The cold part of the slot whose hot part is s. */
 static inline nq__hcold_t *nq__cold(nq__hslot_t *s) {

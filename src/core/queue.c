@@ -45,15 +45,15 @@ static NQ__INLINE int nq__notify_held(nq__hslot_t *s, uint64_t w, uint32_t id, i
                                       nq_sub_t **wake) {
     atomic_store_explicit(nq__arg_cell(s, id), arg, memory_order_relaxed);
     w += NQ__W_SEQ_ONE;
-    if (NQ__UNLIKELY((w >> 32) == 0)) /* the low half carried (H2: written under HELD) */
+    if (NQ__UNLIKELY((w >> 32) == 0)) /* the low half carried (H2; release: see nq_seq) */
         atomic_store_explicit(&s->seq_hi,
                               atomic_load_explicit(&s->seq_hi, memory_order_relaxed) + 1,
-                              memory_order_relaxed);
+                              memory_order_release);
     int reached = 0;
     unsigned nwake = 0;
     nq_wait_t *done = NULL;
     if (w & NQ__W_RECV) {
-        nq_sub_t **subs = nq__cold(s)->subs;
+        nq_sub_t **subs = nq__cold_subs(nq__cold(s));
         for (unsigned i = 0, n = s->nsubs; i < n; i++) {
             unsigned r = nq__sub_push_held(subs[i], arg);
             reached += r & NQ__PUSH_STORED;
@@ -84,6 +84,10 @@ static NQ__NOINLINE int nq__notify_many(nq__hslot_t *s, uint64_t w, uint32_t id,
 
 /* The slow path of a notify to slot s with an id of valid form. */
 static NQ__NOINLINE int nq__notify_slow(nq__hslot_t *s, uint32_t id, int64_t arg) {
+    /* The fast path let through any id without a flag; one without LIVE
+     * would match a dead word's id part below. */
+    if (!nq__id_valid(id))
+        return NQ_EBADH;
     uint64_t w = nq__hold(s, id);
     if (w == 0)
         return NQ_EBADH;
@@ -141,7 +145,7 @@ int nq_unregister(nq_queue_t *q, nq_handle_t h) {
     while (cold->waiters != NULL)
         nq__wait_complete_held(s, cold, cold->waiters, NQ_ECLOSED, 0, &done);
     for (unsigned i = 0; i < s->nsubs; i++)
-        nq__sub_close_held(cold->subs[i], wake, &nwake);
+        nq__sub_close_held(nq__cold_subs(cold)[i], wake, &nwake);
     s->nsubs = 0;
     atomic_fetch_add_explicit(&q->notifies_gone, nq__held_seq(s, w), memory_order_relaxed);
     char *hint = cold->hint;
@@ -199,8 +203,8 @@ int nq_queue_stats(const nq_queue_t *cq, nq_stats_t *out) {
             out->waits_pending += s->nwaiters;
             nq__hcold_t *cold = nq__slot_cold(q, i);
             for (unsigned j = 0; j < s->nsubs; j++) {
-                drops += nq__sub_dropped(cold->subs[j]);
-                stored += nq__sub_stored(cold->subs[j]);
+                drops += nq__sub_dropped(nq__cold_subs(cold)[j]);
+                stored += nq__sub_stored(nq__cold_subs(cold)[j]);
             }
         }
         nq__release(s, w);
@@ -249,7 +253,7 @@ int nq_queue_dump(const nq_queue_t *cq, FILE *f) {
                     : x->kind == NQ__WK_THREAD ? "thread"
                                                : "waker");
         for (unsigned j = 0; j < s->nsubs; j++) {
-            nq_sub_t *sub = cold->subs[j];
+            nq_sub_t *sub = nq__cold_subs(cold)[j];
             fprintf(f, "    sub \"%s\": depth %" PRIu64 "/%" PRIu32 ", dropped %" PRIu64 ", %s\n",
                     sub->hint ? sub->hint : "", nq__sub_held(sub), sub->capacity,
                     nq__sub_dropped(sub),

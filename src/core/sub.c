@@ -2,34 +2,38 @@
  * unread args, with exact drop accounting.
  *
  * The ring: `capacity` cells (exact, no rounding); position p (the p-th arg
- * stored) lives in cell p % capacity. The producer side (line 1 of struct
- * nq_sub) is written only by the holder of the handle's HELD, so there is
- * one writer at a time, and HELD's acquire/release orders one writer after
- * the previous. The receiver side (line 2) is written only by receivers,
- * which exclude each other with rstate's BUSY bit, never with anything a
- * producer takes.
+ * stored) lives in cell p % capacity, stamped 2p + 2. The producer side
+ * (line 1 of struct nq_sub) is written only by the holder of the handle's
+ * HELD, so there is one writer at a time, and HELD's acquire/release orders
+ * one writer after the previous. The receiver side (line 2) is written only
+ * by receivers, which exclude each other with rstate's BUSY bit, never with
+ * anything a producer takes. Receivers read cells, not the producer's line.
  *
  * Invariants:
- *   S1  tail / 2 = positions stored; head = positions consumed (received or
- *       skipped); head <= tail / 2.
- *   S2  drop-newest: tail / 2 - head <= capacity. The producer stores only
- *       when tail / 2 - head_cache < capacity, head_cache being a head it read
- *       with acquire (pairs with the receiver's release store of head, so the
+ *   S1  tail = positions stored; head = positions consumed (received or
+ *       skipped); head <= tail. The cell of position p is stamped 2p + 2
+ *       (release) after its arg is stored: a receiver at head h that loads
+ *       stamp 2h + 2 (acquire) reads that arg. A stamp below 2h + 2 (2h + 1:
+ *       being written) means "nothing yet".
+ *   S2  drop-newest: tail - head <= capacity. The producer stores only when
+ *       tail - head_cache < capacity, head_cache being a head it read with
+ *       acquire (pairs with the receiver's release store of head, so the
  *       cell it reuses was read before), refreshed only when it looks full.
- *       A refused arg counts in `rejected`.
- *   S3  drop-oldest: the producer never waits. Before writing position t it
- *       stores tail = 2t + 1 (a claim, relaxed), then the cell (release),
- *       then tail = 2t + 2 (release). A receiver copies cells with acquire
- *       loads, then reloads tail: a copy that read an overwriting push's
- *       cell store sees that push's claim, so a cell it copied that a later
- *       position overwrote is one whose position p is below claimed -
- *       capacity, claimed = (tail + 1) / 2; such copies are discarded and
- *       counted as skipped, and the receiver jumps to the oldest position
- *       still held. (A cell is one 8-byte atomic: never torn.)
+ *       A refused arg counts in `rejected`. Cells are never overwritten
+ *       unread, so a receiver needs no second look.
+ *   S3  drop-oldest: the producer never waits. Writing position t over the
+ *       cell of t - capacity, it stamps 2t + 1 (relaxed), stores the arg
+ *       (release), then stamps 2t + 2 (release). A receiver loads the stamp
+ *       (acquire), the arg (acquire), and the stamp again: unchanged, the arg
+ *       is position h's (an overwriting arg's acquire would have shown the
+ *       odd stamp). A stamp above 2h + 2 names a newer position p' in h's
+ *       cell: positions below p' - capacity + 1 are gone, and so are those
+ *       below tail - capacity; the receiver counts them as skipped and goes
+ *       on from the later of the two. (An 8-byte atomic arg is never torn.)
  *   S4  Exact accounting, per subscription:
- *         sent = tail / 2 + rejected
- *         held = min(tail / 2 - head, capacity)
- *         dropped = rejected + skipped + (tail / 2 - head - held)
+ *         sent = tail + rejected
+ *         held = min(tail - head, capacity)
+ *         dropped = rejected + skipped + (tail - head - held)
  *         received = head - skipped
  *       so received + dropped + held == sent, derived with no producer cost
  *       beyond the stores above.
@@ -59,6 +63,7 @@
 #include "core/sub.h"
 
 #define NQ__SUB_SPINS 64 /* re-checks a blocked receive makes before it arms and sleeps */
+#define NQ__SUB_LAPS 64  /* lapped cells one receive may step over */
 
 int nq__sub_alloc(nq_queue_t *q, const nq_sub_opts_t *opts, size_t bytes, nq_sub_t **out) {
     nq_sub_opts_t o;
@@ -71,11 +76,11 @@ int nq__sub_alloc(nq_queue_t *q, const nq_sub_opts_t *opts, size_t bytes, nq_sub
     uint32_t cap = o.capacity ? o.capacity : q->cfg.default_capacity;
     if (cap > q->cfg.max_capacity)
         return NQ_EINVAL;
-    size_t total = bytes + (size_t)cap * sizeof(int64_t);
+    size_t total = bytes + (size_t)cap * sizeof(nq__cell_t);
     if (nq__mem_reserve(q, total) < 0)
         return NQ_ENOMEM;
     nq_sub_t *s = nq__aligned_alloc(NQ__CACHELINE, bytes);
-    _Atomic int64_t *ring = nq__malloc((size_t)cap * sizeof(int64_t));
+    nq__cell_t *ring = nq__calloc(cap, sizeof(nq__cell_t)); /* stamps 0: nothing */
     size_t hint_bytes = 0;
     char *hint = nq__hint_dup(q, o.debug_hint, &hint_bytes);
     if (s == NULL || ring == NULL ||
@@ -114,7 +119,8 @@ int nq__sub_attach(nq_sub_t *s, nq_handle_t h) {
     if (slot == NULL)
         return NQ_EBADH;
     nq__hcold_t *cold = nq__slot_cold(q, index);
-    /* The handle's array of subscribers grows by doubling, from 2, up to
+    /* The handle's subscribers: the first in place in the slot, then an
+     * array that grows by doubling, from 2, up to
      * max_subscribers_per_handle. A larger array is allocated outside HELD
      * and swapped in under it (producers read the array only under HELD);
      * the one it replaces is freed after the release. */
@@ -136,7 +142,18 @@ int nq__sub_attach(nq_sub_t *s, nq_handle_t h) {
             rc = NQ_ELIMIT;
             break;
         }
-        uint32_t new_cap = old_cap == 0 ? 2 : old_cap * 2;
+        if (old_cap == 0) { /* the first: in place, nothing to allocate */
+            w = nq__hold(slot, id);
+            if (w == 0) {
+                rc = NQ_EBADH;
+                break;
+            }
+            if (cold->subs_cap == 0)
+                cold->subs_cap = 1;
+            nq__release(slot, w);
+            continue;
+        }
+        uint32_t new_cap = old_cap * 2;
         if (new_cap > max)
             new_cap = max;
         nq__free(stale);
@@ -163,9 +180,9 @@ int nq__sub_attach(nq_sub_t *s, nq_handle_t h) {
         }
         if (cold->subs_cap == old_cap) { /* nobody grew it meanwhile */
             if (slot->nsubs > 0)
-                memcpy(arr, cold->subs, (size_t)slot->nsubs * sizeof(nq_sub_t *));
-            stale = cold->subs;
-            stale_bytes = (size_t)old_cap * sizeof(nq_sub_t *);
+                memcpy(arr, nq__cold_subs(cold), (size_t)slot->nsubs * sizeof(nq_sub_t *));
+            stale = old_cap >= 2 ? cold->subs : NULL; /* 1: it was in place */
+            stale_bytes = old_cap >= 2 ? (size_t)old_cap * sizeof(nq_sub_t *) : 0;
             cold->subs = arr; /* kept with the slot until the queue is freed */
             cold->subs_cap = (uint16_t)new_cap;
         } else {
@@ -180,7 +197,7 @@ int nq__sub_attach(nq_sub_t *s, nq_handle_t h) {
         s->attached = 1;
         if (s->waker.wake != NULL) /* a waker is owed the first arg */
             atomic_store_explicit(&s->armed, 1, memory_order_relaxed);
-        cold->subs[slot->nsubs++] = s;
+        nq__cold_subs(cold)[slot->nsubs++] = s;
         nq__release(slot, w | NQ__W_RECV);
         nq__queue_ref(q);
         atomic_fetch_add_explicit(&q->live_subs, 1, memory_order_relaxed);
@@ -243,13 +260,13 @@ void nq__sub_run_wakers(nq_sub_t **wake, unsigned nwake) {
 /* --- figures ------------------------------------------------------------ */
 
 uint64_t nq__sub_stored(const nq_sub_t *s) {
-    return atomic_load_explicit(&((nq_sub_t *)s)->tail, memory_order_relaxed) >> 1;
+    return atomic_load_explicit(&((nq_sub_t *)s)->tail, memory_order_relaxed);
 }
 
 uint64_t nq__sub_held(const nq_sub_t *s) {
     nq_sub_t *m = (nq_sub_t *)s;
     uint64_t h = atomic_load_explicit(&m->head, memory_order_relaxed);
-    uint64_t t = atomic_load_explicit(&m->tail, memory_order_relaxed) >> 1;
+    uint64_t t = atomic_load_explicit(&m->tail, memory_order_relaxed);
     uint64_t n = t > h ? t - h : 0;
     return n < s->capacity ? n : s->capacity;
 }
@@ -261,7 +278,7 @@ uint64_t nq__sub_dropped(const nq_sub_t *s) {
      * the receiver runs, never once producers and receiver are quiet). */
     uint64_t h = atomic_load_explicit(&m->head, memory_order_relaxed);
     uint64_t sk = atomic_load_explicit(&m->skipped, memory_order_relaxed);
-    uint64_t t = atomic_load_explicit(&m->tail, memory_order_relaxed) >> 1;
+    uint64_t t = atomic_load_explicit(&m->tail, memory_order_relaxed);
     uint64_t over = t > h + s->capacity ? t - h - s->capacity : 0;
     return atomic_load_explicit(&m->rejected, memory_order_relaxed) + sk + over;
 }
@@ -303,52 +320,54 @@ static inline uint32_t nq__sub_idx(const nq_sub_t *s, uint64_t pos) {
     return (uint32_t)(pos % s->capacity);
 }
 
-/* Takes up to n args (inside enter/leave). */
+/* Takes up to n args (inside enter/leave). S1-S3. */
 static size_t nq__sub_take(nq_sub_t *s, int64_t *out, size_t n) {
     const uint64_t cap = s->capacity;
+    const int oldest = s->overflow == NQ_DROP_OLDEST;
     uint64_t h = atomic_load_explicit(&s->head, memory_order_relaxed); /* ours */
     uint64_t h0 = h, skipped = 0;
     uint32_t hi = s->hidx;
     size_t k = 0;
-    while (k < n) {
-        /* Acquire pairs with the producer's release of tail (S1). */
-        uint64_t t = atomic_load_explicit(&s->tail, memory_order_acquire) >> 1;
-        if (t == h)
-            break;
-        if (t - h > cap) { /* S3: lapped while we were away */
-            skipped += t - cap - h;
-            h = t - cap;
-            hi = nq__sub_idx(s, h);
-        }
-        size_t m = t - h < n - k ? (size_t)(t - h) : n - k;
-        /* Acquire (drop-oldest): a copy that read an overwriting push's
-         * release store of the cell sees that push's claim below (S3). */
-        const memory_order mo =
-            s->overflow == NQ_DROP_OLDEST ? memory_order_acquire : memory_order_relaxed;
-        for (size_t j = 0; j < m; j++) {
-            out[k + j] = atomic_load_explicit(&s->ring[hi], mo);
-            hi = hi + 1 == cap ? 0 : hi + 1;
-        }
-        if (s->overflow == NQ_DROP_OLDEST) {
-            /* S3: which copies may a producer have overwritten meanwhile? */
-            uint64_t claimed = (atomic_load_explicit(&s->tail, memory_order_relaxed) + 1) >> 1;
-            if (claimed > h + cap) {
-                uint64_t bad = claimed - cap - h; /* positions h .. h + bad - 1 */
-                if (bad >= m) {
-                    skipped += bad;
-                    h += bad;
-                    hi = nq__sub_idx(s, h);
-                    continue;
+    /* A producer lapping us without pause could keep us chasing it: after
+     * NQ__SUB_LAPS looks that found a cell overwritten, return what we
+     * have (receives stay bounded; the rest is there next time). */
+    for (unsigned laps = 0; k < n && laps < NQ__SUB_LAPS;) {
+        nq__cell_t *c = &s->ring[hi];
+        /* Acquire pairs with the producer's release of the stamp (S1). */
+        uint64_t st = atomic_load_explicit(&c->stamp, memory_order_acquire);
+        if (st == 2 * h + 2) {
+            int64_t v;
+            if (oldest) {
+                /* S3: acquire, so an overwriting arg shows its odd stamp. */
+                v = atomic_load_explicit(&c->arg, memory_order_acquire);
+                if (atomic_load_explicit(&c->stamp, memory_order_relaxed) != st) {
+                    laps++;
+                    continue; /* overwritten meanwhile: look again */
                 }
-                memmove(out + k, out + k + bad, (m - bad) * sizeof(*out));
-                skipped += bad;
-                h += m;
-                k += m - bad;
-                continue;
+            } else {
+                v = atomic_load_explicit(&c->arg, memory_order_relaxed);
             }
+            out[k++] = v;
+            h++;
+            hi = hi + 1 == cap ? 0 : hi + 1;
+            continue;
         }
-        h += m;
-        k += m;
+        if (st < 2 * h + 2)
+            break; /* not written yet (or being written): empty */
+        /* S3: lapped. The cell holds position p' >= h + capacity (written
+         * or being written); positions below p' - capacity + 1 are gone. */
+        uint64_t next = (st - 1) / 2 - cap + 1;
+        /* Positions below tail - capacity are gone too (their cells hold
+         * completed newer ones): jump there at once, instead of stepping
+         * over the lapped cells one by one. Relaxed: a stale tail only
+         * makes the jump shorter. */
+        uint64_t t = atomic_load_explicit(&s->tail, memory_order_relaxed);
+        if (t > cap && t - cap > next)
+            next = t - cap;
+        laps++;
+        skipped += next - h;
+        h = next;
+        hi = nq__sub_idx(s, h);
     }
     if (h != h0) {
         s->hidx = hi;
@@ -365,8 +384,12 @@ static size_t nq__sub_take(nq_sub_t *s, int64_t *out, size_t n) {
 }
 
 int nq__sub_has_args(nq_sub_t *s) {
-    return (atomic_load_explicit(&s->tail, memory_order_acquire) >> 1) !=
-           atomic_load_explicit(&s->head, memory_order_relaxed);
+    /* Relaxed: the receiver's own head (or, from another thread, a figure:
+     * a receive in progress may move it). A stamp of h's position, or of a
+     * newer one (lapped): args there. */
+    uint64_t h = atomic_load_explicit(&s->head, memory_order_relaxed);
+    return atomic_load_explicit(&s->ring[nq__sub_idx(s, h)].stamp, memory_order_acquire) >=
+           2 * h + 2;
 }
 
 int nq__sub_closed_untold(nq_sub_t *s) {
@@ -376,8 +399,13 @@ int nq__sub_closed_untold(nq_sub_t *s) {
 
 /* Arms a wake-up (see the protocol at the top): 1 if armed and s is still
  * empty and open, 0 if it holds args or is closed. */
-static int nq__sub_arm(nq_sub_t *s) {
-    if (!atomic_load_explicit(&s->armed, memory_order_relaxed)) {
+static int nq__sub_arm(nq_sub_t *s, int sleeping) {
+    /* Armed already (and not taken yet: a push takes it under HELD): a
+     * waker is owed for the next push, or in flight for one we may not see
+     * yet, which is as good for a waker. Not for a receiver about to sleep:
+     * its park_prepare must be ordered before the taker's park_wake, and only
+     * HELD orders them, so it always arms under HELD. */
+    if (sleeping || !atomic_load_explicit(&s->armed, memory_order_relaxed)) {
         nq__hslot_t *slot = nq__slot_at(s->q, s->index);
         uint64_t w = nq__hold(slot, s->id);
         if (w == 0)
@@ -395,7 +423,7 @@ static int nq__sub_arm(nq_sub_t *s) {
 int nq__sub_arm_if_empty(nq_sub_t *s) {
     if (nq__sub_has_args(s) || atomic_load_explicit(&s->closed, memory_order_acquire))
         return 0;
-    return nq__sub_arm(s);
+    return nq__sub_arm(s, 0);
 }
 
 /* One non-blocking receive of up to n args: the count (>= 1), NQ_EAGAIN
@@ -412,9 +440,15 @@ static int nq__sub_recv_some(nq_sub_t *s, int64_t *out, size_t n) {
     size_t k = nq__sub_take(s, out, n);
     nq_waker_t self = {NULL, NULL};
     if (s->waker.wake != NULL && (k < n || !nq__sub_has_args(s))) {
-        while (!nq__sub_arm(s) && !atomic_load_explicit(&s->closed, memory_order_acquire)) {
-            if (k == n) {
-                self = s->waker; /* args came, no room: announce them */
+        for (int round = 0;
+             !nq__sub_arm(s, 0) && !atomic_load_explicit(&s->closed, memory_order_acquire);
+             round++) {
+            /* Full, or a producer laps us round after round: announce. */
+            if (k == n || round == 4) {
+                /* Args came, no room: announce them (counted in flight, so
+                 * a close waits for the call). */
+                self = s->waker;
+                atomic_fetch_add_explicit(&s->inflight, 1, memory_order_relaxed);
                 break;
             }
             k += nq__sub_take(s, out + k, n - k);
@@ -424,7 +458,10 @@ static int nq__sub_recv_some(nq_sub_t *s, int64_t *out, size_t n) {
     /* Acquire pairs with the release of closed: every push before the close
      * is visible to the second look. */
     if (k == 0 && atomic_load_explicit(&s->closed, memory_order_acquire)) {
-        k = nq__sub_take(s, out, n);
+        /* No push follows: each take makes progress; only an empty ring
+         * (not one whose take stopped at NQ__SUB_LAPS) is the end. */
+        while ((k = nq__sub_take(s, out, n)) == 0 && nq__sub_has_args(s)) {
+        }
         if (k == 0) {
             told = NQ__R_TOLD;
             rc = NQ_ECLOSED;
@@ -432,8 +469,11 @@ static int nq__sub_recv_some(nq_sub_t *s, int64_t *out, size_t n) {
     }
     nq__sub_leave(s, told);
     /* After leaving: the waker may receive from s itself. */
-    if (self.wake != NULL)
+    if (self.wake != NULL) {
         self.wake(self.ctx);
+        /* Release pairs with the acquire in nq__sub_quiesce. */
+        atomic_fetch_sub_explicit(&s->inflight, 1, memory_order_release);
+    }
     if (rc < 0)
         return rc;
     return k > 0 ? (int)k : NQ_EAGAIN;
@@ -488,7 +528,7 @@ int nq_sub_recv(nq_sub_t *s, int64_t timeout_ns, int64_t *arg) {
         /* Closing (nq_sub_close on another thread) sets CLOSING, then wakes
          * the park: seq_cst pairs with its fetch_or, like P/L of park.h. */
         if ((atomic_load_explicit(&s->rstate, memory_order_seq_cst) & NQ__R_CLOSING) ||
-            !nq__sub_arm(s)) {
+            !nq__sub_arm(s, 1)) {
             nq__park_cancel(&s->park);
             continue;
         }
@@ -522,7 +562,7 @@ static void nq__sub_detach(nq_sub_t *s) {
     uint64_t w = nq__hold_any(slot);
     if (s->attached) {
         nq__sub_account_held(s);
-        nq_sub_t **subs = nq__slot_cold(q, s->index)->subs;
+        nq_sub_t **subs = nq__cold_subs(nq__slot_cold(q, s->index));
         for (unsigned i = 0; i < slot->nsubs; i++) {
             if (subs[i] == s) {
                 subs[i] = subs[--slot->nsubs];
@@ -561,7 +601,7 @@ void nq__sub_destroy(nq_sub_t *s) {
     int counted = s->id != 0; /* attached once (an id is never 0) */
     nq__hint_free(q, s->hint);
     nq__free(s->ring);
-    nq__mem_release(q, s->bytes + (size_t)s->capacity * sizeof(int64_t));
+    nq__mem_release(q, s->bytes + (size_t)s->capacity * sizeof(nq__cell_t));
     nq__free(s);
     if (counted) {
         atomic_fetch_sub_explicit(&q->live_subs, 1, memory_order_relaxed);

@@ -12,21 +12,28 @@
 #include "core/handle.h"
 #include "core/park.h"
 
+/* A cell: the arg of position p, stamped 2p + 2 once written (2p + 1 while
+ * a drop-oldest push overwrites it; 0 never written). 16 bytes, four to a
+ * line: a receiver learns from the cell itself whether it holds the arg it
+ * wants, and never reads a line the producer writes for anything else. */
+typedef struct nq__cell {
+    _Atomic uint64_t stamp;
+    _Atomic int64_t arg;
+} nq__cell_t;
+
 /* Two cache lines: what producers write (and read) per notification, then
  * what the receiver writes per batch, so neither side's stores take the
  * other's line away. */
 struct nq_sub {
     /* Line 1: the producer side. Written under HELD of the handle. */
     NQ__CACHELINE_ALIGNED nq_queue_t *q;
-    _Atomic int64_t *ring;     /* capacity cells; position p is in cell p % capacity */
-    /* 2 x positions written, + 1 while a drop-oldest push writes a cell
-     * that may hold an unread arg (the receiver's lapping check). */
-    _Atomic uint64_t tail;
+    nq__cell_t *ring;          /* capacity cells; position p is in cell p % capacity */
+    _Atomic uint64_t tail;     /* positions stored (figures; receivers read stamps) */
     uint64_t head_cache;       /* drop-newest: a head seen, <= the real one */
     _Atomic uint64_t rejected; /* drop-newest: args refused while full */
     char *hint;
     uint32_t capacity;
-    uint32_t tidx;             /* (tail / 2) % capacity */
+    uint32_t tidx;             /* tail % capacity */
     _Atomic uint32_t inflight; /* waker calls owed or running */
     uint8_t overflow;          /* nq_overflow_t, set at creation */
     _Atomic uint8_t armed;     /* the receiver asks to be woken: set and taken under HELD */
@@ -65,9 +72,8 @@ int nq__sub_attach(nq_sub_t *s, nq_handle_t h);
  * loop. */
 static NQ__INLINE unsigned nq__sub_push_held(nq_sub_t *s, int64_t arg) {
     /* Relaxed: the only writer is us (HELD); S1-S3 of sub.c. */
-    uint64_t t2 = atomic_load_explicit(&s->tail, memory_order_relaxed);
-    uint64_t t = t2 >> 1;
-    uint32_t i = s->tidx;
+    uint64_t t = atomic_load_explicit(&s->tail, memory_order_relaxed);
+    nq__cell_t *c = &s->ring[s->tidx];
     if (s->overflow == NQ_DROP_NEWEST) {
         if (NQ__UNLIKELY(t - s->head_cache >= s->capacity)) {
             /* S2: acquire pairs with the receiver's release of head. */
@@ -79,16 +85,17 @@ static NQ__INLINE unsigned nq__sub_push_held(nq_sub_t *s, int64_t arg) {
                 return 0; /* full and no wake owed: it is not empty */
             }
         }
-        atomic_store_explicit(&s->ring[i], arg, memory_order_relaxed);
+        atomic_store_explicit(&c->arg, arg, memory_order_relaxed);
     } else {
-        /* S3: the claim, then the cell with release: a receiver whose
-         * acquire load of the cell reads this arg sees the claim. */
-        atomic_store_explicit(&s->tail, t2 + 1, memory_order_relaxed);
-        atomic_store_explicit(&s->ring[i], arg, memory_order_release);
+        /* S3: the odd stamp, then the arg with release: a receiver whose
+         * acquire load of the arg reads this one sees the odd stamp. */
+        atomic_store_explicit(&c->stamp, 2 * t + 1, memory_order_relaxed);
+        atomic_store_explicit(&c->arg, arg, memory_order_release);
     }
-    /* Release: the cell before the position that publishes it. */
-    atomic_store_explicit(&s->tail, 2 * t + 2, memory_order_release);
-    s->tidx = i + 1 == s->capacity ? 0 : i + 1;
+    /* S1: release publishes the arg with its position. */
+    atomic_store_explicit(&c->stamp, 2 * t + 2, memory_order_release);
+    atomic_store_explicit(&s->tail, t + 1, memory_order_relaxed);
+    s->tidx = s->tidx + 1 == s->capacity ? 0 : s->tidx + 1;
     if (NQ__LIKELY(!atomic_load_explicit(&s->armed, memory_order_relaxed)))
         return NQ__PUSH_STORED;
     /* Taken. Counted under HELD, which nq__sub_quiesce takes before it
