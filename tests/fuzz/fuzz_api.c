@@ -114,8 +114,9 @@ static struct {
 
     mslot_t slot[MAXSLOT];
     int used, live, retired;
-    int free_stack[MAXSLOT];
+    int free_stack[MAXSLOT]; /* FIFO: [0] is reused first */
     int nfree;
+    uint32_t lo_base, wtag; /* the queue's handle layout, from its first handle */
     nq_handle_t known[MAXK];
     int nknown;
     int64_t argctr;
@@ -200,13 +201,13 @@ static unsigned rd(unsigned k) {
 /* --- the model's pieces --------------------------------------------------------- */
 
 static int h_slot(nq_handle_t h) {
-    uint32_t idx = (uint32_t)h;
-    if (idx == 0 || idx > M.cfg.max_handles || (int)idx - 1 >= M.used)
+    uint32_t idx = (uint32_t)h - M.lo_base, id = (uint32_t)(h >> 32);
+    if (M.lo_base == 0 || idx >= M.cfg.max_handles || (int)idx >= M.used)
         return -1;
-    mslot_t *s = &M.slot[idx - 1];
-    if (!s->live || s->gen != (uint32_t)(h >> 32))
+    mslot_t *s = &M.slot[idx];
+    if (!s->live || id != ((s->gen << 4) | M.wtag))
         return -1;
-    return (int)idx - 1;
+    return (int)idx;
 }
 
 static int nwaiters(int slot) {
@@ -373,7 +374,7 @@ static nq_handle_t pick_handle(void) {
     case 9:
         return ((uint64_t)1 << 32) | (M.cfg.max_handles + 1u);
     case 10:
-        return last + ((uint64_t)1 << 32); /* the next generation */
+        return last + ((uint64_t)16 << 32); /* the next generation */
     case 11:
         return last & ~(uint64_t)UINT32_MAX; /* slot index 0 */
     case 12:
@@ -457,7 +458,7 @@ static void op_register(void) {
     if (M.live >= (int)M.cfg.max_handles)
         want = NQ_ELIMIT;
     else if (M.nfree > 0)
-        idx = M.free_stack[M.nfree - 1];
+        idx = M.free_stack[0]; /* FIFO: the slot freed longest ago */
     else if (M.used < (int)M.cfg.max_handles)
         idx = M.used;
     else
@@ -474,10 +475,12 @@ static void op_register(void) {
         CHECK(h == 0);
         return;
     }
-    if (idx == M.used)
+    if (idx == M.used) {
         M.used++;
-    else
+    } else {
+        memmove(M.free_stack, M.free_stack + 1, (size_t)(M.nfree - 1) * sizeof(int));
         M.nfree--;
+    }
     mslot_t *sl = &M.slot[idx];
     sl->gen = (sl->gen + 1) & M.mask;
     if (sl->gen == 0)
@@ -487,7 +490,15 @@ static void op_register(void) {
     sl->last_arg = 0;
     sl->nsubs = 0;
     M.live++;
-    CHECK(h == (((uint64_t)sl->gen << 32) | (uint64_t)(idx + 1)));
+    /* The layout of core/handle.h: the high half is the slot word's id
+     * (generation << 4, the queue's 4 tag bits, LIVE), the low half the
+     * queue's base + the slot index. The queue's tag is learnt from the
+     * first handle and must stay the same. */
+    if (M.lo_base == 0) {
+        M.lo_base = (uint32_t)h - (uint32_t)idx;
+        M.wtag = (uint32_t)(h >> 32) & 0xf000000fu;
+    }
+    CHECK(h == (((uint64_t)((sl->gen << 4) | M.wtag) << 32) | (uint64_t)(M.lo_base + idx)));
     M.known[M.nknown++ % MAXK] = h;
 }
 
@@ -1613,7 +1624,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     M.cfg.max_subscribers_per_handle = 1 + rd(3);
     M.cfg.default_capacity = 1 + rd(3);
     M.cfg.max_capacity = MAXCAP;
-    static const unsigned gen_bits[4] = {32, 1, 2, 3};
+    static const unsigned gen_bits[4] = {24, 1, 2, 3}; /* 24: the default (handle.h) */
     unsigned gb = gen_bits[rd(4)];
     unsigned items = 1 + rd(MAXTOK);
     M.cleanup = rd(3);
@@ -1623,7 +1634,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
        M.cfg.default_capacity, gb, items, M.cleanup);
     EXPECT_RC(nq_queue_new(&M.cfg, &M.q), 0);
     EXPECT_RC(nq__queue_set_gen_bits(M.q, gb), 0);
-    M.mask = gb == 32 ? UINT32_MAX : (1u << gb) - 1;
+    M.mask = (1u << gb) - 1;
     EXPECT_RC(nq_port_new_sized(items, &M.p), 0);
     m_port_reset((int)items);
 
