@@ -239,12 +239,12 @@ static inline nq__hcold_t *nq__slot_cold(nq_queue_t *q, uint32_t index) {
     return nq__cold(nq__slot_at(q, index));
 }
 
-/* Takes HELD on s if its word matches id (live, that generation): returns
- * the word as held (HELD set), or 0 if it does not match. */
-static inline uint64_t nq__hold(nq__hslot_t *s, uint32_t id) {
+/* Takes HELD on s if the id part of its word, masked, is id: returns the
+ * word as held (HELD set), or 0 if it does not match. */
+static inline uint64_t nq__hold_masked(nq__hslot_t *s, uint32_t mask, uint32_t id) {
     uint64_t w = atomic_load_explicit(&s->word, memory_order_relaxed);
     for (unsigned i = 0;; i++) {
-        if (NQ__UNLIKELY(nq__w_id(w) != id))
+        if (NQ__UNLIKELY((nq__w_id(w) & mask) != id))
             return 0;
         /* Acquire: H2, pairs with nq__release. */
         if (!(w & NQ__W_HELD) &&
@@ -258,20 +258,15 @@ static inline uint64_t nq__hold(nq__hslot_t *s, uint32_t id) {
     }
 }
 
+/* Takes HELD on s if its word is the live handle of id (that generation). */
+static inline uint64_t nq__hold(nq__hslot_t *s, uint32_t id) {
+    return nq__hold_masked(s, UINT32_MAX, id);
+}
+
 /* Takes HELD whatever the word says (a free slot, or an object that must
  * order itself after every holder of a slot it was on). */
 static inline uint64_t nq__hold_any(nq__hslot_t *s) {
-    uint64_t w = atomic_load_explicit(&s->word, memory_order_relaxed);
-    for (unsigned i = 0;; i++) {
-        if (!(w & NQ__W_HELD) &&
-            atomic_compare_exchange_weak_explicit(&s->word, &w, w | NQ__W_HELD,
-                                                  memory_order_acquire, memory_order_relaxed))
-            return w | NQ__W_HELD;
-        if (w & NQ__W_HELD) {
-            nq__spin_pause(i);
-            w = atomic_load_explicit(&s->word, memory_order_relaxed);
-        }
-    }
+    return nq__hold_masked(s, 0, 0);
 }
 
 /* Releases HELD, leaving the word as w says otherwise (H1). Release pairs
