@@ -47,7 +47,15 @@
  *       instruction window (see docs in queue.c).
  * Nobody sleeps on the word: a thread that finds HELD set spins briefly,
  * then yields (the holder runs a bounded number of instructions: no user
- * callback, no allocation, no syscall is made under HELD).
+ * callback, no allocation, no syscall is made under HELD; the one exception
+ * is nq_queue_dump, a debugging aid, which prints a handle's lists while it
+ * holds it).
+ *
+ * Who holds HELD: a notify to a handle with receivers (the whole push), a
+ * wait's attach and cancel, a subscription's attach, detach and arm (a
+ * receiver arms only when it found its ring empty and wants a wake-up),
+ * register, unregister, nq_queue_stats and dump. A receiver's receive, and
+ * nq_seq, never take it.
  */
 #ifndef NQ_CORE_HANDLE_H
 #define NQ_CORE_HANDLE_H
