@@ -496,7 +496,7 @@ static int run_mem_nq(h_result_t *r) {
     h_num(r, "bytes_per_sub", (double)(s1 - s0) / MEM_SUBS);
     h_num(r, "bytes_per_sub_marginal", (double)(s3 - s2) / (MEM_SHARED_SUBS - 1));
     h_num(r, "rss_bytes_per_sub", (double)(rss3 - rss2) * 1024.0 / MEM_SUBS);
-    h_num(r, "sub_target_bytes", 1024 * 8 + 128);
+    h_num(r, "sub_target_bytes", 1024 * 16 + 128);
     for (uint32_t i = 0; i < MEM_SUBS + MEM_SHARED_SUBS; i++)
         nq_sub_close(subs[i]);
     nq_queue_free(q);
