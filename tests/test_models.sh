@@ -7,8 +7,8 @@
 # multiplies the random schedules. Skipped in sanitizer builds (the models
 # are C++ programs of their own, not instrumented code) and where Relacy
 # was not found at configure time (apt-get install relacy-dev).
-models="port_idle evq_ring evq_wait sub_recv wait_thread"
-echo "1..5"
+models="port_idle evq_ring evq_wait handle_word sub_ring sub_wake sub_close"
+echo "1..7"
 skip=
 if grep -q '^SAN_CFLAGS = -fsanitize' "$top_builddir/Makefile" 2>/dev/null; then
   skip="sanitizer build"

@@ -108,7 +108,11 @@ int nq_notify(nq_queue_t *q, nq_handle_t h, int64_t arg) {
     if (NQ__UNLIKELY(id & NQ__W_FLAGS)) /* no valid id has one; see NQ__W_DEAD */
         return NQ_EBADH;
     _Atomic int64_t *cell = nq__arg_cell(s, id);
-    uint64_t w = atomic_load_explicit(&s->word, memory_order_relaxed);
+    /* Acquire (load and failed exchange; free on x86, ldar on ARM): the
+     * arg store below is then ordered after the store of whoever released
+     * the word we read, which a dependency alone does not give under C11
+     * (H5: a wait must not read an older notification's arg). */
+    uint64_t w = atomic_load_explicit(&s->word, memory_order_acquire);
     /* H3: the word's low half equal to the id: live, this generation, no
      * holder, no waits, no subscriptions (anything else: the slow path,
      * which tells a stale handle from a busy one). */
@@ -119,7 +123,7 @@ int nq_notify(nq_queue_t *q, nq_handle_t h, int64_t arg) {
         /* H5: the arg before the count that publishes it (release). */
         atomic_store_explicit(cell, arg, memory_order_relaxed);
         if (atomic_compare_exchange_weak_explicit(&s->word, &w, n, memory_order_release,
-                                                  memory_order_relaxed))
+                                                  memory_order_acquire))
             return 0;
     }
     return nq__notify_slow(s, id, arg);

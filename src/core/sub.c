@@ -43,13 +43,14 @@
  *   the ring empty with a waker to call          (after its push)
  *     [park_prepare, if it will sleep]             if armed: armed = 0,
  *     take HELD; armed = 1; release HELD             inflight++, owe a wake
- *     re-check tail (acquire)                      release HELD
+ *     re-check head's cell (stamp, acquire)        release HELD
  *     empty: sleep / return EAGAIN                 wake: park_wake, waker()
  *     not:   take the args                         inflight--
  *   No lost wake-up: the arm and every push are ordered by HELD. A push
  *   before the arm released HELD before the receiver took it, so the
- *   re-check sees its tail; a push after it finds armed set. The producer's
- *   park_wake happens after the receiver's park_prepare (HELD orders them).
+ *   re-check sees its stamp; a push after it finds armed set. A receiver
+ *   about to sleep always arms under HELD (never trusting an arm left
+ *   standing), so the producer's park_wake comes after its park_prepare.
  *   Under load the receiver never finds the ring empty, never arms, and no
  *   producer makes a wake-up. A waker runs at most once per arm: once per
  *   empty -> non-empty transition (a receive that saw the ring empty, or

@@ -16,14 +16,24 @@
  *             waits never wake spuriously, so a lost wake-up cannot hide
  *             behind one; timed waits (the evq's nap) may time out.
  *   nq__park  src/core/park.h, step by step (P, L, R and the xchg).
- *   nq__lock  src/core/lock.h: a compare-exchange (acquire) to take, a
- *             load and a store (release) to drop, the WANTED request of a
- *             waiting consumer (relaxed fetch_or) that producers
- *             (take_polite) defer to until it expires; its spin (relaxed
- *             loads, cpu_relax, sched_yield) is one rl::yield per turn, so
- *             the scheduler runs the holder. The model asks at its first
- *             wait (the C code after a while), so the request's
- *             interleavings are explored.
+ *   nq__hold  src/core/handle.h: the handle word's HELD bit. nq__hold
+ *             (nq__hold_masked) takes it with a compare-exchange (acquire) from a value
+ *             without HELD (H1, H2); nq__release drops it with one plain
+ *             store (release) of the value the holder computed. The word
+ *             here keeps the three flags (HELD, WAITERS, RECV) in its low
+ *             bits and seq above them; the generation, LIVE and the tag are
+ *             left out (every model names one live handle). A thread that
+ *             finds HELD set spins: one rl::yield per look, so the
+ *             scheduler runs the holder. The C code's weak exchange is a
+ *             strong one here (a spurious failure only retries).
+ *   freed objects  Relacy reports a touch of a deleted rl::atomic or rl::var
+ *             by a magic number that their destructors clear, but GCC drops
+ *             those stores at -O1 (-flifetime-dse: stores to an object whose
+ *             lifetime ends are dead), so such a touch goes unreported. A
+ *             model whose thread frees what another may still touch marks
+ *             it freed in a plain flag instead (exact: Relacy runs one
+ *             thread at a time), asserts the flag clear at every touch, and
+ *             deletes the memory in after().
  */
 #ifndef NQ_MODELS_MODEL_H
 #define NQ_MODELS_MODEL_H
@@ -112,65 +122,40 @@ struct park {
     }
 };
 
-/* --- src/core/lock.h ------------------------------------------------------- */
+/* --- src/core/handle.h: the handle word ---------------------------------- */
 
-struct lock {
-    enum { HELD = 1, WANTED = 2 };
-    /* Deliberately broken variants, for tests/models/lock.cpp only. */
-    enum { OK = 0, BROKEN_DROP_RELAXED, BROKEN_TAKE_BY_STORE, BROKEN_TAKE_KEEPS_WANTED };
-    int broken;
-    rl::atomic<unsigned> held;
-    lock() : broken(OK) { held($).store(0, rl::mo_relaxed); }
-    /* nq__lock: for everything but the notify path */
-    void take() {
-        unsigned v = 0;
-        if (held($).compare_exchange_strong(v, HELD, rl::mo_acquire, rl::mo_relaxed))
-            return;
+/* The orderings of nq__hold and nq__release; a broken variant weakens one. */
+struct hold_orders {
+    mo_t take; /* nq__hold's compare-exchange: acquire (H2) */
+    mo_t drop; /* nq__release's store: release (H2) */
+};
+inline hold_orders hold_orders_c() {
+    hold_orders o = {rl::mo_acquire, rl::mo_release};
+    return o;
+}
+
+struct hword {
+    enum { HELD = 1, WAITERS = 2, RECV = 4, FLAGS = 7, SEQ_ONE = 8 };
+    rl::atomic<unsigned> word;
+    hword() { word($).store(0, rl::mo_relaxed); }
+    static unsigned seq(unsigned w) { return w / SEQ_ONE; }
+    /* nq__hold_masked (nq__hold and nq__hold_any alike: no id to check
+     * here): the word as held. */
+    unsigned hold(const hold_orders &o) {
+        unsigned w = word($).load(rl::mo_relaxed);
         for (;;) {
-            v = held($).load(rl::mo_relaxed);
-            if (!(v & HELD)) {
-                if (broken == BROKEN_TAKE_BY_STORE) { /* not atomic with the load */
-                    held($).store(HELD, rl::mo_relaxed);
-                    rl::atomic_thread_fence(rl::mo_acquire, $);
-                    return;
-                }
-                /* BROKEN_TAKE_KEEPS_WANTED: the taker leaves the request
-                 * standing, so once no consumer waits the producers defer
-                 * to nobody forever. */
-                unsigned to = broken == BROKEN_TAKE_KEEPS_WANTED ? (v | HELD) : (unsigned)HELD;
-                if (held($).compare_exchange_strong(v, to, rl::mo_acquire, rl::mo_relaxed))
-                    return;
-                continue;
+            if (!(w & HELD) && word($).compare_exchange_strong(w, w | HELD, o.take, rl::mo_relaxed))
+                return w | HELD;
+            if (w & HELD) {
+                rl::yield(1, $); /* nq__spin_pause */
+                w = word($).load(rl::mo_relaxed);
             }
-            if (!(v & WANTED))
-                held($).fetch_or(WANTED, rl::mo_relaxed);
-            rl::yield(1, $);
         }
     }
-    /* nq__lock_polite: the notify path, never while a request stands */
-    /* ... and the request expires (L4): the C code 1 ms after this call
-     * first saw it on a free lock, the model at the third look. BROKEN_TAKE_KEEPS_
-     * WANTED has no expiry either, so its stale request is a livelock. */
-    void take_polite() {
-        unsigned v = 0;
-        if (held($).compare_exchange_strong(v, HELD, rl::mo_acquire, rl::mo_relaxed))
-            return;
-        unsigned looks = 0;
-        for (;;) {
-            v = held($).load(rl::mo_relaxed);
-            bool take = v == 0;
-            if (v == WANTED)
-                take = broken != BROKEN_TAKE_KEEPS_WANTED && ++looks >= 3;
-            if (take && held($).compare_exchange_strong(v, HELD, rl::mo_acquire, rl::mo_relaxed))
-                return;
-            rl::yield(1, $);
-        }
-    }
-    void drop() {
-        unsigned v = held($).load(rl::mo_relaxed);
-        held($).store(v & ~(unsigned)HELD,
-                      broken == BROKEN_DROP_RELAXED ? rl::mo_relaxed : rl::mo_release);
-    }
+    unsigned hold() { return hold(hold_orders_c()); }
+    /* nq__release: one store of the word as computed (H1) */
+    void release(unsigned w, const hold_orders &o) { word($).store(w & ~(unsigned)HELD, o.drop); }
+    void release(unsigned w) { release(w, hold_orders_c()); }
 };
 
 /* --- running the checks ---------------------------------------------------- */
