@@ -309,10 +309,13 @@ typedef struct nq_sub_opts {
     uint32_t capacity; /* 0 = the queue's default. Exact: at most capacity unread args */
     nq_overflow_t overflow;
     const char *debug_hint;
-    nq_waker_t waker; /* optional: called on the notifying thread when the
-                         subscription goes empty -> non-empty after a receive
-                         found it empty or left it so (and at creation), and
-                         once when its handle is unregistered */
+    nq_waker_t waker; /* optional: called when the subscription goes empty
+                         -> non-empty after a receive found it empty or left
+                         it so (and at creation), and once when its handle is
+                         unregistered; on the notifying thread, except when a
+                         notify lands between a receive that emptied it and
+                         that receive's arming of the waker: that receive,
+                         with no room left for the arg, calls it itself */
 } nq_sub_opts_t;
 
 /* Subscribes to every notification on h from now on. A subscription is a
